@@ -1,0 +1,1 @@
+"""Training, calibration and evaluation text data."""

@@ -1,0 +1,132 @@
+"""The method interface and registry (DESIGN.md "The method interface").
+
+A method is a class in `methods/<name>.py` (installed as `lorsbench.methods.<name>`), decorated with
+`@register_method("<name>")`, with a dataclass `Config` of its hyper-parameters. Registry key == file stem ==
+`conf/method/<name>.yaml` stem. The pipeline, training loop, evaluation and report never name a method.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from lorsbench.config import ConfigError, MethodSpec, unknown_name_error
+from lorsbench.pruning.masks import MaskSet
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class MethodContext:
+    """What a method may use while attaching: targets, placement, randomness, and training data for
+    data-dependent initialisation (LoRS gradient-SVD init)."""
+
+    targets: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype
+    generator: torch.Generator
+    train_batches: Callable[[], Iterator[Batch]] | None = None  # a fresh iterator over training batches
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    preserves_sparsity: ClassVar[bool]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
+        """Replace target linears in place; freeze everything else; return the trainable parameters."""
+
+    @abstractmethod
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold adapters into plain nn.Linear modules; the result is an ordinary HF model."""
+
+    def describe(self) -> dict[str, Any]:
+        """Hyper-parameters for the run record (scaling conventions included)."""
+        return asdict(self.config) if self.config is not None else {}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    """Class decorator: register a Method under `name` (must equal its module's file stem)."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        stem = cls.__module__.rsplit(".", 1)[-1]
+        if stem != name:
+            raise ValueError(f"method '{name}' must live in methods/{name}.py (found in {cls.__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def methods_package():
+    """The `lorsbench.methods` package: installed by the build (package-dir), or the repository's
+    top-level `methods/` folder in a source checkout."""
+    if "lorsbench.methods" in sys.modules:
+        return sys.modules["lorsbench.methods"]
+    try:
+        return importlib.import_module("lorsbench.methods")
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parent.parent / "methods"
+        spec = importlib.util.spec_from_file_location(
+            "lorsbench.methods", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None or not (folder / "__init__.py").exists():
+            raise
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["lorsbench.methods"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def list_methods() -> list[str]:
+    package = methods_package()
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def get_method(name: str) -> type[Method]:
+    valid = list_methods()
+    if name not in valid:
+        raise unknown_name_error("method", name, valid)
+    if name not in _REGISTRY:
+        methods_package()
+        importlib.import_module(f"lorsbench.methods.{name}")
+    if name not in _REGISTRY:
+        raise ConfigError(f"methods/{name}.py does not register a method named '{name}'")
+    return _REGISTRY[name]
+
+
+def build_method(spec: MethodSpec) -> Method:
+    """Instantiate a method from its registry name and raw hyper-parameters (unknown keys -> clear error)."""
+    cls = get_method(spec.name)
+    valid = {f.name for f in fields(cls.Config)}
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.params.items()}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        hint = "; ".join(f"'{k}' -> did you mean '{h[0]}'?" for k, h in hints.items() if h)
+        raise ConfigError(
+            f"method '{spec.name}': unknown option(s) {unknown}. Valid: {sorted(valid)}" + (f". {hint}" if hint else "")
+        )
+    try:
+        config = cls.Config(**params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method '{spec.name}': {exc}") from exc
+    return cls(config)

@@ -1,0 +1,101 @@
+"""Shared machinery for adapter linears: frozen pruned base + stored keep-mask + trainable parameters.
+
+Adapters keep float32 master parameters (as SQFT's training script does) and cast to the activation dtype in
+the forward, so bf16 runs do not update bf16 parameters.
+"""
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lorsbench.modules import replace_module, target_linears
+from lorsbench.pruning.masks import MaskSet
+
+SCALINGS = ("alpha_over_r", "alpha_over_sqrt_r", "one")
+
+
+def scaling_factor(kind: str, alpha: float, rank: int) -> float:
+    """The adapter scale s: alpha/r (LoRA, SQFT, SPP), alpha/sqrt(r) (LoRS, rsLoRA) or 1."""
+    if kind == "alpha_over_r":
+        return alpha / rank
+    if kind == "alpha_over_sqrt_r":
+        return alpha / math.sqrt(rank)
+    if kind == "one":
+        return 1.0
+    raise ValueError(f"unknown scaling '{kind}'. Valid: {', '.join(SCALINGS)}")
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's lora_A init: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+
+
+def lora_factors(d_out: int, d_in: int, rank: int, generator: torch.Generator) -> tuple[nn.Parameter, nn.Parameter]:
+    """U (d_out x r, zeros) and V (r x d_in, kaiming-uniform): the adapter is the identity at init."""
+    return (
+        nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32)),
+        nn.Parameter(kaiming_uniform((rank, d_in), generator)),
+    )
+
+
+class AdapterLinear(nn.Module):
+    """A target linear with its frozen base weight (`.weight`, `.bias`), its stored mask and an adapter."""
+
+    def __init__(self, base: nn.Linear, mask: torch.Tensor):
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.register_buffer("mask", mask.to(device=base.weight.device, dtype=torch.bool), persistent=False)
+
+    @abstractmethod
+    def merged_weight(self) -> torch.Tensor:
+        """The plain weight (float32) that reproduces this module's forward."""
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight().to(self.weight.dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(False)
+        return linear
+
+
+def attach_adapters(
+    model: nn.Module,
+    masks: MaskSet,
+    targets: tuple[str, ...],
+    make: Callable[[str, nn.Linear, torch.Tensor], AdapterLinear],
+) -> list[nn.Parameter]:
+    """Freeze the whole model, replace each target linear by `make(name, linear, mask)` and return the
+    adapters' trainable parameters."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable: list[nn.Parameter] = []
+    for name, linear in target_linears(model, targets).items():
+        if name not in masks:
+            raise KeyError(f"no stored mask for target {name}")
+        adapter = make(name, linear, masks[name])
+        adapter.to(linear.weight.device)
+        replace_module(model, name, adapter)
+        trainable.extend(p for p in adapter.parameters() if p.requires_grad)
+    return trainable
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Replace every AdapterLinear by a plain nn.Linear holding its merged weight."""
+    names = [name for name, module in model.named_modules() if isinstance(module, AdapterLinear)]
+    for name in names:
+        replace_module(model, name, model.get_submodule(name).to_linear())
+    return model
