@@ -194,7 +194,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
     model = _build(ModelConfig, cfg["model"], "model")
     _check_choice("model source", model.source, MODEL_SOURCES)
-    if model.source == "hf" and not model.path:
+    if model.source == "hf" and (not model.path or model.path == "???"):
         raise ConfigError("model=hf needs model.path=<HF id or local folder>")
     if model.source == "random" and not model.architecture:
         raise ConfigError(f"model '{model.name}' (source=random) needs model.architecture shapes")

@@ -29,6 +29,11 @@ def scaling_factor(kind: str, alpha: float, rank: int) -> float:
     raise ValueError(f"unknown scaling '{kind}'. Valid: {', '.join(SCALINGS)}")
 
 
+def merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype merges are computed in: float32, or the weight's dtype when it is wider (float64 tests)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """PEFT's lora_A init: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(shape[1])
@@ -55,11 +60,17 @@ class AdapterLinear(nn.Module):
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        if tuple(mask.shape) != tuple(base.weight.shape):
+            raise ValueError(f"stored mask has shape {tuple(mask.shape)}, weight has {tuple(base.weight.shape)}")
         self.register_buffer("mask", mask.to(device=base.weight.device, dtype=torch.bool), persistent=False)
+        with torch.no_grad():
+            if bool((self.weight[~self.mask] != 0).any()):
+                raise ValueError("the base weight is non-zero where the stored mask prunes it: "
+                                 "apply the masks (lorsbench.pruning.masks.apply_masks) before attaching")
 
     @abstractmethod
     def merged_weight(self) -> torch.Tensor:
-        """The plain weight (float32) that reproduces this module's forward."""
+        """The plain weight (in `merge_dtype(self.weight)`) that reproduces this module's forward."""
 
     def to_linear(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorsbench.method import Method, MethodContext, register_method
-from lorsbench.methods._adapter import AdapterLinear, attach_adapters, lora_factors, merge_adapters, scaling_factor
+from lorsbench.methods._adapter import (
+    AdapterLinear, attach_adapters, lora_factors, merge_adapters, merge_dtype, scaling_factor,
+)
 from lorsbench.pruning.masks import MaskSet
 
 
@@ -32,7 +34,8 @@ class LoRALinear(AdapterLinear):
         return base + self.scaling * low_rank
 
     def merged_weight(self) -> torch.Tensor:
-        merged = self.weight.float() + self.scaling * (self.lora_U @ self.lora_V)
+        dtype = merge_dtype(self.weight)
+        merged = self.weight.to(dtype) + self.scaling * (self.lora_U.to(dtype) @ self.lora_V.to(dtype))
         return merged * self.mask if self.remask else merged
 
 

@@ -13,7 +13,7 @@ class MagnitudePruner(Pruner):
     name = "magnitude"
     needs_calibration = False
 
-    def prune(self, model: nn.Module, calibration: list[Batch] | None = None) -> MaskSet:
+    def prune(self, model: nn.Module, calibration: list[Batch] | None = None, device=None) -> MaskSet:
         masks = MaskSet()
         with torch.no_grad():
             for name, linear in target_linears(model, self.config.targets).items():
@@ -28,8 +28,9 @@ class NoPruner(Pruner):
     """The dense reference: every weight kept."""
 
     name = "none"
+    cacheable = False
 
-    def prune(self, model: nn.Module, calibration: list[Batch] | None = None) -> MaskSet:
+    def prune(self, model: nn.Module, calibration: list[Batch] | None = None, device=None) -> MaskSet:
         return MaskSet({
             name: torch.ones_like(linear.weight, dtype=torch.bool, device="cpu")
             for name, linear in target_linears(model, self.config.targets).items()
