@@ -191,10 +191,13 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
     cfg = dict(cfg)
     resolved = dict(cfg)
+    missing = _missing_keys(cfg)
+    if missing:
+        raise ConfigError("missing value(s): " + ", ".join(f"{k} (set {k}=...)" for k in missing))
 
     model = _build(ModelConfig, cfg["model"], "model")
     _check_choice("model source", model.source, MODEL_SOURCES)
-    if model.source == "hf" and (not model.path or model.path == "???"):
+    if model.source == "hf" and not model.path:
         raise ConfigError("model=hf needs model.path=<HF id or local folder>")
     if model.source == "random" and not model.architecture:
         raise ConfigError(f"model '{model.name}' (source=random) needs model.architecture shapes")
@@ -279,6 +282,13 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         profile=profile, paths=paths, seed=int(cfg.get("seed", 0)), device=device, dtype=dtype,
         smoke=bool(cfg.get("smoke", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
     )
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys left at Hydra's mandatory marker '???'."""
+    if isinstance(node, Mapping):
+        return [k for key, value in node.items() for k in _missing_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "???" else []
 
 
 def _replace(obj, **changes):

@@ -20,6 +20,10 @@ def _valid_overrides(group: str, option: str) -> list[str]:
     if group == "pattern" and option != "unstructured":
         n, m = {"2of4": (2, 4), "4of8": (4, 8)}[option]
         overrides.append(f"sparsity={1 - n / m}")
+    if group == "data" and option == "local":
+        overrides.append("data.path=train.jsonl")
+    if group == "eval" and option == "local":
+        overrides += ["eval.include_path=/tmp/tasks", "eval.tasks=[my_task]"]
     if group == "method" and option == "slope":
         overrides += ["pattern=2of4"]
     return overrides
@@ -89,7 +93,7 @@ def test_limit_outside_smoke_is_rejected(compose):
 
 
 def test_hf_model_needs_a_path(compose):
-    with pytest.raises(Exception, match="path"):
+    with pytest.raises(ConfigError, match=r"model.path \(set model.path=...\)"):
         build_run_config(compose(["model=hf"]))
 
 
