@@ -51,9 +51,7 @@ class Run:
         self.record = RunRecord(self.output_dir, started_at=_now(), output_dir=str(self.output_dir), **_factors(cfg))
         self.phase = "setup"
 
-    def measured(self, phase: str):
-        self.phase = phase
-        log.info("phase: %s", phase)
+    def measured(self, phase: str) -> PhaseMeter:
         return PhaseMeter(phase, self.device)
 
     def sparsity(self, stage: str, model) -> None:
@@ -81,7 +79,6 @@ def prepare_evaluation(run: Run) -> None:
     from lorsbench.evaluation import prepare_eval
 
     cfg = run.cfg
-    run.phase = "prepare_eval"
     if cfg.data.source == "bigbench" and cfg.eval.suite == "offline":
         check_disjoint(cfg.data.tasks, cfg.eval.tasks)
     run.prepared_eval = prepare_eval(cfg.eval, cfg.paths.cache_dir)
@@ -102,7 +99,6 @@ def prepare_data(run: Run) -> None:
     from lorsbench.data.instructions import batch_iterator, load_examples, tokenize_examples
 
     cfg = run.cfg
-    run.phase = "data"
     examples = load_examples(cfg.data, cfg.paths.cache_dir, cfg.seed)
     run.train_data = tokenize_examples(examples, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
     run.train_batches = lambda: batch_iterator(run.train_data, cfg.trainer.micro_batch_size, cfg.seed)
@@ -134,7 +130,6 @@ def prune(run: Run) -> None:
 
 def attach(run: Run) -> None:
     cfg = run.cfg
-    run.phase = "attach"
     ctx = MethodContext(
         targets=cfg.pruning.targets, device=run.device, dtype=run.dtype, generator=run.generator,
         train_batches=run.train_batches, loss_fn=causal_lm_loss,
@@ -153,7 +148,6 @@ def fine_tune(run: Run) -> None:
 
 
 def merge(run: Run) -> None:
-    run.phase = "merge"
     run.model = run.method.merge(run.model)
     run.sparsity("after_merge", run.model)
 
@@ -186,6 +180,8 @@ def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:
     run.record.save()
     try:
         for phase in PHASES:
+            run.phase = phase.__name__
+            log.info("phase: %s", run.phase)
             phase(run)
         run.record["status"] = "success"
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record; the caller decides the exit code

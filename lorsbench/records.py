@@ -62,13 +62,13 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 class RunRecord(dict):
     """A run.json under construction: a dict with an atomic `save()`."""
 
-    def __init__(self, output_dir: str | Path, **fields: Any):
+    def __init__(self, folder: str | Path, **fields: Any):
         super().__init__(schema_version=SCHEMA_VERSION, status="running", error=None, **fields)
-        self.output_dir = Path(output_dir)
+        self.folder = Path(folder)
 
     @property
     def path(self) -> Path:
-        return self.output_dir / RECORD_FILE
+        return self.folder / RECORD_FILE
 
     def save(self) -> Path:
         if self["status"] not in STATUSES:
