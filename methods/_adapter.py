@@ -99,6 +99,7 @@ def attach_adapters(
             raise KeyError(f"no stored mask for target {name}")
         adapter = make(name, linear, masks[name])
         adapter.to(linear.weight.device)
+        adapter.train(linear.training)  # a new module starts in training mode; keep the model's mode
         replace_module(model, name, adapter)
         trainable.extend(p for p in adapter.parameters() if p.requires_grad)
     return trainable
@@ -108,5 +109,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Replace every AdapterLinear by a plain nn.Linear holding its merged weight."""
     names = [name for name, module in model.named_modules() if isinstance(module, AdapterLinear)]
     for name in names:
-        replace_module(model, name, model.get_submodule(name).to_linear())
+        adapter = model.get_submodule(name)
+        linear = adapter.to_linear()
+        linear.train(adapter.training)
+        replace_module(model, name, linear)
     return model

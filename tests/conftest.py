@@ -34,3 +34,15 @@ def compose():
         return OmegaConf.to_container(cfg, resolve=True)
 
     return _compose
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_tensors(request):
+    """Tiny-tensor tests run faster single-threaded (thread start-up dominates); slow tests keep the default."""
+    if "slow" in request.keywords:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

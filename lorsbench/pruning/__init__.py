@@ -8,6 +8,8 @@ from lorsbench.config import PruningConfig, unknown_name_error
 _PRUNERS = {
     "none": "lorsbench.pruning.magnitude:NoPruner",
     "magnitude": "lorsbench.pruning.magnitude:MagnitudePruner",
+    "wanda": "lorsbench.pruning.wanda:WandaPruner",
+    "sparsegpt": "lorsbench.pruning.sparsegpt:SparseGPTPruner",
 }
 
 

@@ -10,8 +10,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lorsbench.config import ConfigError, PatternConfig
@@ -68,19 +70,45 @@ def nm_valid(mask_or_weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nonzero.reshape(d_out, d_in // m, m).sum(-1) <= n).all())
 
 
+_PACKED_FORMAT = "packbits-v1"
+
+
 class MaskSet(dict):
-    """Target-module name -> bool keep-mask (d_out x d_in). Saved and loaded bit-exactly as safetensors."""
+    """Target-module name -> bool keep-mask (d_out x d_in). Saved and loaded bit-exactly as safetensors.
+
+    On disk each mask is bit-packed (numpy.packbits, 8 weights per byte: a 7B model's masks take 0.8 GB instead of
+    6.5 GB) with its shape in the file's metadata; files holding plain bool tensors load too."""
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in self.items()}, str(tmp))
+        packed, metadata = {}, {"lorsbench_mask_format": _PACKED_FORMAT}
+        for name, mask in self.items():
+            bits = mask.detach().cpu().contiguous().reshape(-1).numpy()
+            packed[name] = torch.from_numpy(np.packbits(bits))
+            metadata[f"shape:{name}"] = ",".join(str(d) for d in mask.shape)
+        save_file(packed, str(tmp), metadata=metadata)
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "MaskSet":
-        loaded = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            loaded = {name: handle.get_tensor(name) for name in handle.keys()}
+        if metadata.get("lorsbench_mask_format") == _PACKED_FORMAT:
+            masks = {}
+            for name, packed in loaded.items():
+                shape_text = metadata.get(f"shape:{name}")
+                if shape_text is None or packed.dtype != torch.uint8:
+                    raise ValueError(f"mask file {path}: entry {name} has no shape or is not packed uint8")
+                shape = tuple(int(d) for d in shape_text.split(",")) if shape_text else ()
+                count = math.prod(shape)
+                if packed.numel() != (count + 7) // 8:
+                    raise ValueError(f"mask file {path}: entry {name} holds {packed.numel()} bytes, shape {shape} needs {(count + 7) // 8}")
+                bits = np.unpackbits(packed.numpy(), count=count).astype(bool)
+                masks[name] = torch.from_numpy(bits).reshape(shape)
+            return cls(masks)
         for name, tensor in loaded.items():
             if tensor.dtype != torch.bool:
                 raise ValueError(f"mask file {path}: entry {name} has dtype {tensor.dtype}, expected bool")

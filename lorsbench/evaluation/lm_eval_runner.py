@@ -1,0 +1,334 @@
+"""lm-eval as THE accuracy evaluator: `lm_eval.simple_evaluate` on an in-memory model wrapped in `HFLM`.
+
+Two steps, so a run fails before any training when its tasks cannot run:
+- `prepare_eval` (seconds): converts/locates the tasks of the configured suite and checks they can be loaded
+  (`EvalUnavailableError` otherwise, naming the tasks and how to get them);
+- `evaluate_tasks`: runs lm-eval, saves its raw results JSON in the run folder, returns per-task scores.
+
+Suites: `offline` (BIG-bench multiple-choice tasks converted to local lm-eval tasks, see `bigbench_tasks`),
+`zeroshot7` (lm-eval's own task names; their hub datasets must be cached or the hub reachable), `local`
+(a folder of lm-eval YAMLs, `eval.include_path`), `none`.
+
+Hugging Face caches: the local suites keep `datasets`' Arrow cache under `<cache>/hf` and run with the hub
+offline, so nothing waits on the network (research/environment.md sections 4-5). `zeroshot7` uses the standard
+HF cache (HF_HOME, default ~/.cache/huggingface), where datasets fetched by `datasets`/lm-eval already live.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lorsbench.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+RAW_JSON = "lm_eval_results.json"
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+
+
+class EvalUnavailableError(RuntimeError):
+    """The configured evaluation tasks cannot run here; raised before any training."""
+
+
+@dataclass(frozen=True)
+class PreparedEval:
+    """What `evaluate_tasks` needs: lm-eval task names, where their YAMLs are, and the HF cache policy."""
+
+    suite: str
+    lm_eval_tasks: tuple[str, ...] = ()
+    display_names: dict[str, str] = field(default_factory=dict)  # lm-eval name -> name in the results
+    include_path: tuple[str, ...] = ()
+    include_defaults: bool = False
+    hf_home: Path | None = None  # None: the standard HF cache
+    offline: bool = True
+    details: dict[str, Any] = field(default_factory=dict)  # conversion key, baselines ... (for the record)
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    tasks: dict[str, dict[str, float]]  # task -> {acc, acc_stderr, acc_norm, acc_norm_stderr, n}
+    mean_acc: float | None
+    raw_json: str | None  # file name inside the output folder
+    limit: int | None
+
+
+# ----------------------------------------------------------------------------------------------- environment
+
+@contextlib.contextmanager
+def hf_environment(hf_home: Path | None, offline: bool) -> Iterator[None]:
+    """Point `datasets` at `hf_home` and/or switch the hub offline for the duration, then restore.
+
+    Environment variables only reach modules imported later; `datasets` and `huggingface_hub` read them at import
+    (and transformers imports them early), so their module-level settings are patched too.
+    """
+    env: dict[str, str] = {}
+    if hf_home is not None:
+        env.update(HF_HOME=str(hf_home), HF_DATASETS_CACHE=str(Path(hf_home) / "datasets"))
+    if offline:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    patches: list[tuple[Any, str, Any]] = []
+    try:
+        if hf_home is not None or offline:
+            import datasets.config as ds_config
+            import huggingface_hub.constants as hub_constants
+
+            if hf_home is not None:
+                patches.append((ds_config, "HF_DATASETS_CACHE", Path(hf_home) / "datasets"))
+            if offline:
+                patches += [(ds_config, "HF_HUB_OFFLINE", True), (ds_config, "HF_DATASETS_OFFLINE", True),
+                            (hub_constants, "HF_HUB_OFFLINE", True)]
+        saved_attrs = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for obj, name, value in saved_attrs:
+                setattr(obj, name, value)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --------------------------------------------------------------------------------------------------- prepare
+
+def prepare_eval(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+    """Convert/locate the suite's tasks and check they can load; `EvalUnavailableError` if not."""
+    cache_dir = Path(cache_dir).expanduser()
+    if config.suite == "none":
+        return PreparedEval(suite="none")
+    if config.suite == "offline":
+        return _prepare_offline(config, cache_dir)
+    if config.suite == "local":
+        return _prepare_local(config, cache_dir)
+    if config.suite == "zeroshot7":
+        return _prepare_hub_tasks(config)
+    raise EvalUnavailableError(f"unknown eval suite '{config.suite}' (valid: offline, zeroshot7, local, none)")
+
+
+def _prepare_offline(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+    from lorsbench.cache import FetchError
+    from lorsbench.evaluation.bigbench_tasks import ConversionError, convert_suite
+
+    try:
+        suite = convert_suite(config.tasks, cache_dir, config.max_examples_per_task)
+    except (ConversionError, FileNotFoundError, FetchError) as exc:
+        raise EvalUnavailableError(f"eval=offline: {exc}") from exc
+    return PreparedEval(
+        suite="offline",
+        lm_eval_tasks=tuple(t.lm_eval_name for t in suite.tasks),
+        display_names={t.lm_eval_name: t.bigbench_name for t in suite.tasks},
+        include_path=(str(suite.include_path),),
+        hf_home=cache_dir / "hf",
+        offline=True,
+        details={"conversion_key": suite.key, "shuffle_seed": suite.seed,
+                 "max_examples_per_task": suite.max_examples_per_task,
+                 "tasks": {t.bigbench_name: {"n": t.n_examples, "chance_acc": t.chance_acc,
+                                             "majority_acc": t.majority_acc} for t in suite.tasks}},
+    )
+
+
+def _prepare_local(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+    if not config.include_path:
+        raise EvalUnavailableError("eval.suite=local needs eval.include_path=<folder of lm-eval task YAMLs>")
+    folder = Path(config.include_path).expanduser().resolve()
+    if not folder.is_dir():
+        raise EvalUnavailableError(f"eval.include_path {folder} is not a folder")
+    if not config.tasks:
+        raise EvalUnavailableError("eval.suite=local needs eval.tasks=[<task names from its YAMLs>]")
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager(include_path=str(folder), include_defaults=False).all_tasks)
+    missing = [t for t in config.tasks if t not in known]
+    if missing:
+        raise EvalUnavailableError(f"tasks {missing} are not defined in {folder} (found: {sorted(known)})")
+    return PreparedEval(suite="local", lm_eval_tasks=tuple(config.tasks), display_names={t: t for t in config.tasks},
+                        include_path=(str(folder),), hf_home=cache_dir / "hf", offline=True)
+
+
+def _find_builtin_task_dirs(names: list[str]) -> dict[str, Path]:
+    """Folders of lm-eval's own YAMLs defining `task: <name>`, found by a text scan (about 1 s); indexing all
+    of lm-eval's ~14k YAMLs with a full TaskManager takes 10-15 s on 2 cores."""
+    root = Path(importlib.util.find_spec("lm_eval.tasks").origin).parent
+    pattern = re.compile(r"^task:\s*['\"]?([^\s'\"#]+)", re.MULTILINE)
+    wanted, found = set(names), {}
+    for path in sorted(root.rglob("*.yaml")):
+        match = pattern.search(path.read_text(errors="ignore"))
+        if match and match.group(1) in wanted and match.group(1) not in found:
+            found[match.group(1)] = path.parent
+    return found
+
+
+def _prepare_hub_tasks(config: EvalConfig) -> PreparedEval:
+    """lm-eval's own tasks: check each dataset is in the HF cache, unless the hub is reachable."""
+    from lm_eval.tasks import TaskManager
+
+    names = list(config.tasks)
+    if not names:
+        raise EvalUnavailableError(f"eval.suite={config.suite} has no tasks")
+    dirs = _find_builtin_task_dirs(names)
+    unknown = [n for n in names if n not in dirs]
+    if unknown:
+        raise EvalUnavailableError(f"lm-eval has no task(s) {unknown} (lm_eval {_version('lm_eval')})")
+    include = tuple(sorted({str(d) for d in dirs.values()}))
+    manager = TaskManager(include_path=list(include), include_defaults=False)
+    datasets_of = {}
+    for name in names:
+        cfg = manager.task_index[name].cfg or {}
+        datasets_of[name] = (cfg.get("dataset_path"), cfg.get("dataset_name"))
+
+    from lorsbench.models import hub_reachable
+
+    online = hub_reachable()
+    if not online:
+        missing = _uncached_datasets(datasets_of)
+        if missing:
+            listing = ", ".join(f"{task} ({path}{'/' + str(sub) if sub else ''})" for task, (path, sub) in missing.items())
+            raise EvalUnavailableError(
+                f"eval={config.suite} needs Hugging Face datasets that are not cached here and the hub "
+                f"is unreachable: {listing}. Either run once with network access (lm-eval downloads "
+                f"them into the HF cache, HF_HOME, default ~/.cache/huggingface; e.g. "
+                f"`lm_eval run --model hf --model_args pretrained=<model> --tasks {','.join(missing)} --limit 1`), "
+                f"or copy a populated HF cache here, or use eval=offline (BIG-bench tasks, no network)."
+            )
+    return PreparedEval(suite=config.suite, lm_eval_tasks=tuple(names), display_names={n: n for n in names},
+                        include_path=include, hf_home=None, offline=not online,
+                        details={"datasets": {k: list(v) for k, v in datasets_of.items()}})
+
+
+def _uncached_datasets(datasets_of: dict[str, tuple[str | None, str | None]]) -> dict[str, tuple]:
+    import datasets
+
+    missing = {}
+    with hf_environment(None, offline=True):
+        for task, (path, name) in datasets_of.items():
+            if path is None or path in _LOCAL_BUILDERS:
+                continue
+            try:
+                datasets.load_dataset_builder(path, name)
+            except Exception:  # noqa: BLE001 - any failure to resolve offline means "not cached"
+                missing[task] = (path, name)
+    return missing
+
+
+# -------------------------------------------------------------------------------------------------- evaluate
+
+def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig, device: torch.device,
+                   output_dir: Path) -> TaskScores:
+    """Run lm-eval on `prepared`'s tasks; write its raw results JSON into `output_dir`.
+
+    Scores are lm-eval's `acc`/`acc_norm` with their standard errors; `mean_acc` is the mean `acc` over the tasks.
+    """
+    if not prepared.lm_eval_tasks:
+        return TaskScores(tasks={}, mean_acc=None, raw_json=None, limit=config.limit)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        with hf_environment(prepared.hf_home, prepared.offline), _quiet_lm_eval():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
+            manager = TaskManager(include_path=list(prepared.include_path) or None,
+                                  include_defaults=prepared.include_defaults)
+            results = simple_evaluate(
+                model=lm, tasks=list(prepared.lm_eval_tasks), task_manager=manager,
+                num_fewshot=config.num_fewshot, limit=config.limit, log_samples=False,
+            )
+    finally:
+        model.train(was_training)
+    wall_s = time.perf_counter() - started
+    if results is None:
+        raise RuntimeError("lm-eval returned no results (non-zero rank?)")
+
+    raw = _jsonable(results)
+    raw["lorsbench"] = {"suite": prepared.suite, "display_names": prepared.display_names,
+                        "eval_wall_s": wall_s, **prepared.details}
+    with open(output_dir / RAW_JSON, "w") as handle:
+        json.dump(raw, handle, indent=2)
+
+    tasks = {}
+    for lm_name in prepared.lm_eval_tasks:
+        metrics = results["results"][lm_name]
+        n = results.get("n-samples", {}).get(lm_name, {}).get("effective")
+        tasks[prepared.display_names.get(lm_name, lm_name)] = {
+            "acc": _metric(metrics, "acc"),
+            "acc_stderr": _metric(metrics, "acc_stderr"),
+            "acc_norm": _metric(metrics, "acc_norm"),
+            "acc_norm_stderr": _metric(metrics, "acc_norm_stderr"),
+            "n": float(n) if n is not None else math.nan,
+        }
+    accs = [t["acc"] for t in tasks.values()]
+    mean_acc = sum(accs) / len(accs) if accs and all(math.isfinite(a) for a in accs) else None
+    log.info("lm-eval: %d task(s) in %.1f s, mean acc %s", len(tasks), wall_s, mean_acc)
+    return TaskScores(tasks=tasks, mean_acc=mean_acc, raw_json=RAW_JSON, limit=config.limit)
+
+
+def _metric(metrics: dict, name: str) -> float:
+    """lm-eval keys metrics as '<name>,<filter>' ('acc,none'); stderr is 'N/A' when undefined (n=1)."""
+    for key, value in metrics.items():
+        if key.split(",")[0] == name:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return math.nan
+    return math.nan
+
+
+def _jsonable(value: Any) -> Any:
+    """lm-eval's results with numpy scalars, dtypes, paths ... turned into JSON-native values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return _jsonable(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval warns about passing a model object and looks for a git hash; both are expected here."""
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

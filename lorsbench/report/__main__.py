@@ -1,0 +1,31 @@
+"""`python -m lorsbench.report <run or sweep folders...> --name <name> [--out results/reports]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorsbench.report import OUTPUT_FILES, ReportError, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorsbench.report",
+        description="Collect every run.json under the given folders into tidy tables, plots and a Markdown/HTML "
+                    "comparison report.",
+        epilog="example: python -m lorsbench.report results/raw/sweeps/main_table_2026-01-01_00-00-00 "
+               "--name main_table")
+    parser.add_argument("folders", nargs="+", help="run folders, sweep folders, or any folder above them")
+    parser.add_argument("--name", required=True, help="report name: the output folder under --out")
+    parser.add_argument("--out", default="results/reports", help="where report folders go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        folder = write_report(args.folders, args.name, args.out)
+    except ReportError as exc:
+        print(f"lorsbench.report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(OUTPUT_FILES)} and plots to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Shared machinery of `lors` and `lors_exact` (methods.md 5): the LoRS linear operator, its module,
+gradient-SVD initialisation and the attach/merge logic.
+
+`lors_linear` is the one entry point for the GEMMs, so a fused GPU kernel can replace it without touching
+the module or the method.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorsbench.method import Method, MethodContext
+from lorsbench.methods import _lors_triton
+from lorsbench.methods._adapter import (
+    AdapterLinear, attach_adapters, kaiming_uniform, merge_adapters, merge_dtype, scaling_factor,
+)
+from lorsbench.modules import target_linears
+from lorsbench.pruning.masks import MaskSet
+
+log = logging.getLogger(__name__)
+
+INITS = ("grad_svd", "lora")
+GRAD_SCALES = ("one", "s")
+
+
+def _effective_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (methods.md 5.1)."""
+    dtype = weight.dtype
+    return torch.addmm(weight, U.to(dtype), V.to(dtype), alpha=scaling).mul_(mask)
+
+
+class _LoRSFunction(torch.autograd.Function):
+    """Forward `X W_effᵀ (+ b)` saving only X (plus references to W, U, V, M); backward recomputes
+    W_eff for dX (methods.md 5.2). Adapter gradients: rearranged (5.3) or exact masked (5.6)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, U, V, mask, bias, scaling: float, exact: bool, grad_scale: float,
+                kernel: str = "torch"):
+        if kernel != "torch":  # one-pass or in-GEMM W_eff (methods/_lors_triton.py)
+            out = _lors_triton.forward(kernel, x, weight, U, V, mask, scaling, bias)
+        else:
+            w_eff = _effective_weight(weight, U, V, mask, scaling)
+            out = F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            del w_eff
+        ctx.save_for_backward(x, weight, U, V, mask)
+        ctx.scaling, ctx.exact, ctx.grad_scale, ctx.kernel = scaling, exact, grad_scale, kernel
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, U, V, mask = ctx.saved_tensors
+        need_x, _, need_u, need_v, _, need_b = ctx.needs_input_grad[:6]
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        u, v = U.to(dtype), V.to(dtype)
+        dx = du = dv = db = None
+        if need_x and ctx.kernel != "torch":
+            dx = _lors_triton.grad_input(ctx.kernel, dy, weight, U, V, mask, ctx.scaling).reshape(x.shape)
+        elif need_x:
+            w_eff = _effective_weight(weight, U, V, mask, ctx.scaling).to(dtype)
+            dx = (dy @ w_eff).reshape(x.shape)
+            del w_eff
+        if need_u or need_v:
+            if ctx.exact:
+                # dU = s (G⊙M) Vᵀ, dV = s Uᵀ (G⊙M): G = dYᵀX is formed once (methods.md 5.6).
+                g = (dy.t() @ x2).mul_(mask)
+                du = ctx.scaling * (g @ v.t()) if need_u else None
+                dv = ctx.scaling * (u.t() @ g) if need_v else None
+                del g
+            else:
+                # Rearranged (repo): dU = dYᵀ(X Vᵀ), dV = (dY U)ᵀ X; no d_out×d_in tensor (methods.md 5.3).
+                du = ctx.grad_scale * (dy.t() @ (x2 @ v.t())) if need_u else None
+                dv = ctx.grad_scale * ((dy @ u).t() @ x2) if need_v else None
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return dx, None, cast(du, U), cast(dv, V), None, db, None, None, None, None
+
+
+def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor,
+                scaling: float, bias: torch.Tensor | None = None, exact: bool = False,
+                grad_scale: float = 1.0, kernel: str = "torch") -> torch.Tensor:
+    """`Y = X ((W + s U V) ⊙ M)ᵀ + b` (methods.md 5.1).
+
+    `exact=False`: the repo-faithful adapter gradient `dU = g dYᵀ(XVᵀ)`, `dV = g (dY U)ᵀX` with `g = grad_scale`
+    (1 in the repo; `g = s` gives exactly the gradient of unmasked LoRA). `exact=True`: the masked gradient.
+    `dX = dY W_eff` is exact in both. W, M, bias get no gradient (frozen).
+    `kernel`: `torch` (W_eff built by addmm + mask), `triton` (one Triton pass + cuBLAS), `fused` (W_eff inside
+    the GEMM's tile loads) or `auto` (methods/_lors_triton.py).
+    """
+    if weight.requires_grad:
+        raise ValueError("lors_linear keeps the base weight frozen; it cannot produce a gradient for W")
+    return _LoRSFunction.apply(x, weight, U, V, mask, bias, float(scaling), bool(exact), float(grad_scale),
+                               _lors_triton.resolve_kernel(kernel, x))
+
+
+class LoRSLinear(AdapterLinear):
+    """A target linear trained with LoRS: frozen W, stored mask M, adapter U (d_out×r, zero), V (r×d_in)."""
+
+    def __init__(self, base: nn.Linear, mask: torch.Tensor, rank: int, scaling: float, exact: bool,
+                 grad_scale: float, V_init: torch.Tensor, kernel: str = "torch"):
+        super().__init__(base, mask)
+        self.kernel = kernel
+        self.scaling = scaling
+        self.exact = exact
+        self.grad_scale = grad_scale
+        self.lora_U = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32))
+        self.lora_V = nn.Parameter(V_init.to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lors_linear(x, self.weight, self.lora_U, self.lora_V, self.mask, self.scaling, self.bias,
+                           exact=self.exact, grad_scale=self.grad_scale, kernel=self.kernel)
+
+    def merged_weight(self) -> torch.Tensor:
+        """`W' = (W + s U V) ⊙ M` (methods.md 5.1 merge); exact zeros where the stored mask is False."""
+        dtype = merge_dtype(self.weight)
+        return _effective_weight(self.weight.to(dtype), self.lora_U.to(dtype), self.lora_V.to(dtype),
+                                 self.mask, self.scaling)
+
+
+def _examples_in(batch: dict[str, torch.Tensor]) -> int:
+    first = batch.get("input_ids")
+    if first is None:
+        first = next(iter(batch.values()))
+    return int(first.shape[0])
+
+
+def estimate_gradients(model: nn.Module, names: list[str], ctx: MethodContext, samples: int) -> dict[str, torch.Tensor]:
+    """Mean gradient of the loss w.r.t. each named linear's full weight (pruned positions included), over
+    the first `samples` training examples, on the unwrapped model (methods.md 5.4 step 1).
+
+    Only these weights require grad during the estimate; every parameter's requires_grad and .grad are
+    restored afterwards and no weight is modified.
+    """
+    if ctx.train_batches is None or ctx.loss_fn is None:
+        raise ValueError("init=grad_svd needs training batches and a loss function in the MethodContext "
+                         "(or use init=lora)")
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight for name in names}
+    saved = {p: (p.requires_grad, p.grad) for p in model.parameters()}
+    sums = {name: torch.zeros(w.shape, dtype=merge_dtype(w), device=w.device) for name, w in weights.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)
+        seen = batches = 0
+        batch_iter: Iterator = ctx.train_batches()
+        while seen < samples:
+            try:
+                batch = next(batch_iter)
+            except StopIteration:
+                break
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            loss = ctx.loss_fn(model, batch)
+            loss.backward()
+            for name, w in weights.items():
+                if w.grad is not None:
+                    sums[name] += w.grad.to(sums[name].dtype)
+                    w.grad = None
+            seen += _examples_in(batch)
+            batches += 1
+        if batches == 0:
+            raise ValueError("init=grad_svd: the training data yielded no batch")
+    finally:
+        for p, (requires_grad, grad) in saved.items():
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+    return {name: total / batches for name, total in sums.items()}
+
+
+def grad_svd_factor(grad: torch.Tensor, rank: int, gamma: float, niter: int = 4) -> torch.Tensor:
+    """V (r×d_in) = top-r right singular vectors of the estimated gradient, as rows, divided by γ
+    (methods.md 5.4 steps 2-3; `torch.svd_lowrank` with q = min(4r, min(d_out, d_in)))."""
+    d_out, d_in = grad.shape
+    q = min(4 * rank, d_out, d_in)
+    if rank > min(d_out, d_in):
+        raise ValueError(f"init=grad_svd: rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)}")
+    _, _, Q = torch.svd_lowrank(grad.float(), q=q, niter=niter)
+    return Q[:, :rank].t().contiguous() / gamma
+
+
+class LoRSBase(Method):
+    """attach/merge shared by `lors` and `lors_exact`; subclasses set `exact` and their Config."""
+
+    preserves_sparsity = True
+    exact: bool = False
+
+    def _grad_scale(self, scaling: float) -> float:
+        return 1.0
+
+    def scaling_value(self) -> float:
+        c = self.config
+        return scaling_factor(c.scaling, c.alpha, c.rank)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["scaling_value"] = self.scaling_value()
+        described["adapter_gradient"] = "exact_masked" if self.exact else "rearranged_unmasked"
+        return described
+
+    def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
+        c = self.config
+        s = self.scaling_value()
+        targets = c.targets or ctx.targets
+        names = list(target_linears(model, targets))
+        if c.init == "grad_svd":
+            grads = estimate_gradients(model, names, ctx, c.init_samples)
+            # svd_lowrank draws from the global RNG: seed it from the run's generator, leave global state as it was.
+            seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                V_inits = {}
+                for name in names:
+                    grad = grads.pop(name)
+                    if not bool(torch.isfinite(grad).all()):
+                        raise ValueError(f"init=grad_svd: non-finite gradient estimate for {name}")
+                    if float(grad.abs().max()) == 0.0:
+                        log.warning("init=grad_svd: zero gradient for %s; using LoRA init there", name)
+                        V_inits[name] = kaiming_uniform((c.rank, grad.shape[1]), ctx.generator)
+                    else:
+                        V_inits[name] = grad_svd_factor(grad, c.rank, c.init_gamma).cpu()
+                    del grad
+        else:
+            V_inits = {}
+
+        def make(name: str, linear: nn.Linear, mask: torch.Tensor) -> LoRSLinear:
+            V = V_inits.pop(name, None)
+            if V is None:
+                V = kaiming_uniform((c.rank, linear.in_features), ctx.generator)
+            return LoRSLinear(linear, mask, c.rank, s, self.exact, self._grad_scale(s), V,
+                              kernel=getattr(c, "kernel", "torch"))
+
+        return attach_adapters(model, masks, targets, make)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_adapters(model)
+
+
+def check_common(rank: int, alpha: float, scaling: str, init: str, init_samples: int, init_gamma: float) -> None:
+    """Validation shared by the two LoRS configs."""
+    scaling_factor(scaling, alpha, rank)
+    if rank <= 0:
+        raise ValueError(f"rank must be > 0, got {rank}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init_samples <= 0:
+        raise ValueError(f"init_samples must be > 0, got {init_samples}")
+    if not (init_gamma > 0 and math.isfinite(init_gamma)):
+        raise ValueError(f"init_gamma must be > 0, got {init_gamma}")

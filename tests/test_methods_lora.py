@@ -1,0 +1,49 @@
+"""LoRA's `merge=remask` (methods.md 1.2, option 2): sparse again after merging, at a measurable cost."""
+from __future__ import annotations
+
+import torch
+
+from lorsbench.config import MethodSpec
+from lorsbench.method import build_method
+from lorsbench.modules import target_linears
+
+from tests.methods_helpers import (  # noqa: F401 (single_thread is an autouse fixture)
+    TARGETS, batches, context, logits, random_masks, single_thread, tiny_llama,
+)
+
+
+def _trained(merge: str):
+    model = tiny_llama()
+    masks = random_masks(model, "unstructured")
+    method = build_method(MethodSpec(name="lora", params={"merge": merge}))
+    params = method.attach(model, masks, context())
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)
+    return model, masks, method
+
+
+def test_remask_merge_is_sparse_and_differs_by_exactly_the_pruned_part_of_the_update():
+    model, masks, method = _trained("remask")
+    ids = batches(1)[0]["input_ids"]
+    unmerged = logits(model, ids)
+    deltas = {}
+    for name, module in target_linears(model, TARGETS).items():
+        deltas[name] = module.scaling * (module.lora_U.double() @ module.lora_V.double())
+    weights = {name: m.weight.clone() for name, m in target_linears(model, TARGETS).items()}
+    model = method.merge(model)
+    for name, linear in target_linears(model, TARGETS).items():
+        assert torch.all(linear.weight[~masks[name]] == 0)
+        torch.testing.assert_close(linear.weight, (weights[name] + deltas[name]) * masks[name], rtol=1e-13, atol=1e-13)
+    merged = logits(model, ids)
+    assert (merged - unmerged).abs().max() > 1e-3  # the accuracy cost of re-masking is real
+
+
+def test_dense_merge_equals_unmerged_and_is_dense():
+    model, masks, method = _trained("dense")
+    ids = batches(1)[0]["input_ids"]
+    unmerged = logits(model, ids)
+    model = method.merge(model)
+    torch.testing.assert_close(logits(model, ids), unmerged, rtol=1e-10, atol=1e-10)
+    weight = model.get_submodule("model.layers.0.mlp.up_proj").weight
+    assert float((weight == 0).float().mean()) < 0.01  # sparsity lost (methods.md 1.2)
