@@ -152,6 +152,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "bfloat16"
     smoke: bool = False
+    save_merged: bool = False
     run_name: str = "run"
     resolved: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -280,7 +281,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     return RunConfig(
         model=model, pruning=pruning, method=method, data=data, trainer=trainer, eval=evaluation,
         profile=profile, paths=paths, seed=int(cfg.get("seed", 0)), device=device, dtype=dtype,
-        smoke=bool(cfg.get("smoke", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
+        smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
     )
 
 

@@ -25,6 +25,7 @@ from lorsbench.training import causal_lm_loss, train
 log = logging.getLogger("lorsbench")
 TRAIN_LOG = "train_log.jsonl"
 ERROR_LOG = "error.log"
+MERGED_DIR = "merged"
 
 
 def _now() -> str:
@@ -150,6 +151,13 @@ def fine_tune(run: Run) -> None:
 def merge(run: Run) -> None:
     run.model = run.method.merge(run.model)
     run.sparsity("after_merge", run.model)
+    if run.cfg.save_merged:
+        from lorsbench.export import load_merged, save_merged
+
+        folder = run.output_dir / MERGED_DIR
+        save_merged(run.model, run.tokenizer, run.masks, folder, run.cfg.pruning.pattern)
+        load_merged(folder, verify=True)  # raises ExportError if the reload is not as sparse as saved
+        run.record.update(merged_dir=MERGED_DIR, merged_reload_verified=True)
 
 
 def evaluate(run: Run) -> None:

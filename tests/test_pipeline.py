@@ -112,12 +112,15 @@ def test_run_json_has_every_field(compose, tiny_assets, tmp_path):
 
 
 def test_none_method_keeps_the_mask_and_trains_nothing(compose, tiny_assets, tmp_path):
-    cfg = build_run_config(compose(_overrides(tiny_assets, tmp_path, "method=none", "pattern=2of4")))
+    cfg = build_run_config(compose(_overrides(tiny_assets, tmp_path, "method=none", "pattern=2of4",
+                                              "save_merged=true")))
     record = run_pipeline(cfg, tmp_path / "run")
     assert record["status"] == "success", record.get("error")
     assert record["train_steps"] == 0 and record["trainable_params"] == 0
     assert record["mask_preserved_after_merge"] is True and record["nm_valid_after_merge"] is True
     assert record["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-6)
+    assert record["merged_reload_verified"] is True
+    assert (tmp_path / "run" / record["merged_dir"] / "masks.safetensors").exists()
 
 
 def test_failure_is_recorded_with_phase_and_error(compose, tiny_assets, tmp_path):
