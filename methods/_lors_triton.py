@@ -67,7 +67,7 @@ def interpreting() -> bool:
 
 
 def available(device: torch.device | str | None = None) -> bool:
-    """True when the fused kernels can run on `device`: Triton importable and (CUDA, or the Triton interpreter on CPU)."""
+    """True when the Triton kernels can run on `device`: Triton importable and (CUDA, or its interpreter on CPU)."""
     if triton is None:
         return False
     device = torch.device(device) if device is not None else None
@@ -106,8 +106,9 @@ CANDIDATES: tuple[TileConfig, ...] = (
 
 # Launch configurations measured best per (kind, d_out, d_in) and token count, from
 # `python -m lorsbench.bench.layer --tune`: (kind, N, K) -> ((min T, config), ...) ascending in T. The per-kind
-# defaults below won (or were within 2 % of the winner) at every Llama-3-8B shape and T = 512..8192 on an H100
-# (notes/gpu.md), so no per-shape entry is needed there.
+# defaults below were, on average over every Llama-3-8B shape and T = 512..8192 on an H100, within 1 % (fwd) and
+# 2 % (dX) of the per-shape winner (worst case 3 % and 32 %: dX of 1024x4096 at T = 512;
+# kernel_tune_all_configs.json), so no per-shape entry is kept: the fused path is not the default anyway.
 TUNED: dict[tuple[str, int, int], tuple[tuple[int, TileConfig], ...]] = {}
 DEFAULTS = {"fwd": TileConfig(128, 64, 64, 8, 4, 4, True), "dx": TileConfig(128, 128, 64, 8, 8, 3, False)}
 _DEFAULT = TileConfig(128, 128, 64, 8, 8, 3, False)

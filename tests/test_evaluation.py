@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -203,6 +204,22 @@ def test_zeroshot7_offline_fails_fast_with_one_clear_error(tmp_path, monkeypatch
 
     with pytest.raises(EvalUnavailableError, match="no task"):
         prepare_eval(EvalConfig(suite="zeroshot7", tasks=("not_a_real_task_xyz",)), tmp_path)
+
+
+def test_hf_environment_switches_offline_and_cache_then_restores(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from lorsbench.evaluation.lm_eval_runner import hf_environment
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = (datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    with hf_environment(tmp_path / "hf", offline=True):
+        assert datasets.config.HF_DATASETS_CACHE == tmp_path / "hf" / "datasets"
+        assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    after = (datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    assert after == before and "HF_HUB_OFFLINE" not in os.environ
 
 
 # ----------------------------------------------------------------------------------------------- perplexity
