@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")
 MODEL_SOURCES = ("bundled", "hf", "random")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
@@ -150,7 +150,7 @@ class RunConfig:
     paths: PathsConfig
     seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     smoke: bool = False
     save_merged: bool = False
     run_name: str = "run"
@@ -272,7 +272,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         cache_dir=Path(os.path.expanduser(str(paths_raw["cache_dir"]))),
     )
 
-    dtype = str(cfg.get("dtype", "bfloat16"))
+    dtype = str(cfg.get("dtype", "auto"))
     _check_choice("dtype", dtype, DTYPES)
     device = str(cfg.get("device", "auto"))
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):

@@ -65,12 +65,12 @@ class Run:
 def setup(run: Run) -> None:
     cfg = run.cfg
     run.device = resolve_device(cfg.device)
-    run.dtype = torch_dtype(cfg.dtype)
+    run.dtype = torch_dtype(cfg.dtype, run.device)
     run.generator = seed_everything(cfg.seed)
     run.method = build_method(cfg.method)
     run.record.update(provenance(run.device))
     run.record.update(method_config=run.method.describe(), preserves_sparsity=run.method.preserves_sparsity,
-                      device=str(run.device))
+                      device=str(run.device), dtype=str(run.dtype).removeprefix("torch."))
     run.record.save()
 
 

@@ -26,7 +26,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA, float32 on CPU (many CPUs emulate bf16 matmuls: several times slower)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
 
 

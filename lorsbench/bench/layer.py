@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     from lorsbench.runtime import resolve_device, torch_dtype
 
     methods_package()
-    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = torch_dtype(args.dtype, device)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     out_dir = args.out_dir or Path("results/efficiency") / table.slug(
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")

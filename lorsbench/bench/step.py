@@ -214,7 +214,7 @@ def run_step(spec: StepSpec) -> StepRow:
     try:
         device = resolve_device(spec.device)
         row.gpu = _gpu_name(device)
-        dtype = torch_dtype(spec.dtype)
+        dtype = torch_dtype(spec.dtype, device)
         pattern = pattern_config(spec.pattern)
         sparsity = pattern.sparsity if pattern.is_nm else spec.sparsity
         row.sparsity = sparsity

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from lorsbench.runtime import torch_dtype
+
 REPO = Path(__file__).resolve().parents[2]
 Z_KEEP = 2.0
 
@@ -144,8 +146,16 @@ def write_markdown(rows: list[TaskSelection], path: Path, meta: dict) -> None:
 def update_offline_config(path: Path, tasks: list[str]) -> None:
     """Replace the `tasks: [...]` entry of conf/eval/offline.yaml, keeping its comments."""
     text = path.read_text()
-    listing = ", ".join(tasks)
-    new, count = re.subn(r"^tasks:\s*\[[^\]]*\]", f"tasks: [{listing}]", text, count=1, flags=re.MULTILINE)
+    lines, current = [], "tasks: ["
+    for i, task in enumerate(tasks):
+        item = task + (", " if i < len(tasks) - 1 else "]")
+        if len(current) + len(item.rstrip()) > 110 and current.strip() != "tasks: [":
+            lines.append(current.rstrip())
+            current = " " * 8
+        current += item
+    lines.append(current)
+    listing = "\n".join(lines)
+    new, count = re.subn(r"^tasks:\s*\[[^\]]*\]", lambda _: listing, text, count=1, flags=re.MULTILINE)
     if count != 1:
         raise RuntimeError(f"no `tasks: [...]` entry found in {path}")
     path.write_text(new)
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if dropped:
         print(f"[select_suite] not candidates (training tasks): {dropped}", file=sys.stderr)
     cache_dir = run_cfg.paths.cache_dir
-    dtype = getattr(torch, run_cfg.dtype)
+    dtype = torch_dtype(run_cfg.dtype, torch.device("cpu"))
     device = torch.device("cpu")
 
     if args.model_path:
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: -r.z)
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_min": (time.perf_counter() - started) / 60,
-        "model": model_name, "model_source": model_source, "dtype": run_cfg.dtype, "device": "cpu",
+        "model": model_name, "model_source": model_source, "dtype": str(dtype).removeprefix("torch."), "device": "cpu",
         "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "batch_size": args.batch_size, "max_examples": args.max_examples, "seed": SHUFFLE_SEED, "key": suite.key,
         "load_avg": [round(load_start, 1), round(os.getloadavg()[0], 1)], "versions": _versions(), "python": platform.python_version(),
