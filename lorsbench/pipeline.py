@@ -169,13 +169,14 @@ def evaluate(run: Run) -> None:
         log.info("random weights: accuracy and perplexity are not reported")
         return
     with run.measured("eval") as meter:
-        ppl = perplexity(run.model, run.tokenizer, cfg.eval.perplexity, run.device) if cfg.eval.perplexity else None
+        if cfg.eval.perplexity:
+            ppl = perplexity(run.model, run.tokenizer, cfg.eval.perplexity, run.device)
+            run.record.update(perplexity=ppl.perplexity, perplexity_tokens=ppl.tokens, perplexity_window=ppl.window,
+                              perplexity_stride=ppl.stride, perplexity_source=ppl.source)
+            run.record.save()
         scores = evaluate_tasks(run.model, run.tokenizer, run.prepared_eval, cfg.eval, run.device, run.output_dir)
     run.record.update(meter.stats.as_dict(), accuracy_reported=bool(scores.tasks), tasks=scores.tasks,
                       mean_acc=scores.mean_acc, lm_eval_json=scores.raw_json)
-    if ppl is not None:
-        run.record.update(perplexity=ppl.perplexity, perplexity_tokens=ppl.tokens, perplexity_window=ppl.window,
-                          perplexity_stride=ppl.stride, perplexity_source=ppl.source)
 
 
 PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, merge, evaluate)
@@ -191,6 +192,7 @@ def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:
             run.phase = phase.__name__
             log.info("phase: %s", run.phase)
             phase(run)
+            run.record.save()  # status stays "running" until the end; what each phase measured is on disk
         run.record["status"] = "success"
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record; the caller decides the exit code
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
