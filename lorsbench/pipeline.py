@@ -107,15 +107,12 @@ def prepare_data(run: Run) -> None:
 
 
 def prune(run: Run) -> None:
-    from lorsbench.data.text import calibration_batches
     from lorsbench.pruning.artifacts import prune_model
+    from lorsbench.pruning.calibration import calibration_source
 
     cfg = run.cfg
     calib = cfg.pruning.calibration
-    calibration = None
-    if calib is not None:
-        def calibration():
-            return calibration_batches(run.tokenizer, calib.source, calib.nsamples, calib.seq_len, calib.seed)
+    calibration = calibration_source(run.tokenizer, calib) if calib is not None else None
     model_key = f"{cfg.model.name}|{run.record.get('model_path')}|{run.weights}"
     if run.weights == "random":
         model_key += f"|seed={cfg.seed}"  # random weights depend on the seed
