@@ -188,7 +188,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     Raises ConfigError with one clear message for any bad input.
     """
     from lorsbench.method import list_methods
-    from lorsbench.pruning import list_pruners
+    from lorsbench.pruning import build_pruner, list_pruners
 
     cfg = dict(cfg)
     resolved = dict(cfg)
@@ -238,6 +238,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         name=pruner_name, sparsity=float(sparsity), pattern=pattern, targets=targets,
         calibration=calibration, options=pruning_raw,
     )
+    build_pruner(pruning)  # unknown or bad pruner options fail here, before any model is loaded
 
     method_raw = dict(cfg["method"])
     method_name = method_raw.pop("name")

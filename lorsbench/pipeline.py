@@ -169,7 +169,8 @@ def evaluate(run: Run) -> None:
         if cfg.eval.perplexity:
             ppl = perplexity(run.model, run.tokenizer, cfg.eval.perplexity, run.device)
             run.record.update(perplexity=ppl.perplexity, perplexity_tokens=ppl.tokens, perplexity_window=ppl.window,
-                              perplexity_stride=ppl.stride, perplexity_source=ppl.source)
+                              perplexity_stride=ppl.stride, perplexity_source=ppl.source,
+                              perplexity_text_sha256=ppl.text_sha256)
             run.record.save()
         scores = evaluate_tasks(run.model, run.tokenizer, run.prepared_eval, cfg.eval, run.device, run.output_dir)
     run.record.update(meter.stats.as_dict(), accuracy_reported=bool(scores.tasks), tasks=scores.tasks,

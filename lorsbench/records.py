@@ -13,7 +13,8 @@ Schema (SCHEMA_VERSION 1), one file per run folder:
 - sparsity, per stage s in (after_prune, after_train, after_merge): sparsity_<s>, sparsity_by_type_<s>,
   nm_valid_<s>, mask_preserved_<s>
 - quality: eval_suite, eval_limit, tasks {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, mean_acc,
-  perplexity, perplexity_tokens, perplexity_window, lm_eval_json (file name)
+  perplexity, perplexity_tokens, perplexity_window, perplexity_text_sha256 (of the scored token ids: perplexities
+  compare only between equal digests), lm_eval_json (file name)
 - provenance: git_sha, git_dirty, versions {package: version}, resolved_config
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; records are shared results
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

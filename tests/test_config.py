@@ -103,3 +103,14 @@ def test_unknown_method_option_is_clear(compose):
     cfg = build_run_config(compose(["+method.rnak=4"]))
     with pytest.raises(ConfigError, match="did you mean 'rank'"):
         build_method(cfg.method)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pruning=sparsegpt", "+pruning.blcksize=64"], r"unknown option\(s\)"),
+    (["pruning=sparsegpt", "pruning.percdamp=0"], "percdamp must be > 0"),
+    (["pruning=sparsegpt", "pattern=2of4", "pruning.blocksize=6"], "multiple of m=4"),
+])
+def test_bad_pruner_options_fail_at_the_config_edge(compose, overrides, message):
+    """Pruner options are checked when the config is built, before any model is loaded."""
+    with pytest.raises(ConfigError, match=message):
+        build_run_config(compose(overrides))

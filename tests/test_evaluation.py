@@ -329,3 +329,18 @@ def test_selection_rewrites_only_the_task_list_of_the_offline_config(tmp_path):
     assert {k: v for k, v in loaded.items() if k != "tasks"} == {k: v for k, v in before.items() if k != "tasks"}
     assert [l for l in path.read_text().splitlines() if l.startswith("#")] == \
         [l for l in original.splitlines() if l.startswith("#")]
+
+
+def test_perplexity_digest_identifies_the_scored_text(tiny_model, tokenizer, heldout_ids, cached_corpus, monkeypatch):
+    """Equal token ids give equal digests; a changed held-out text (another Python's manual) a different one."""
+    config = PerplexityConfig(source="pydoc", window=16, stride=16, max_tokens=45, batch_size=2)
+    first = perplexity(tiny_model, tokenizer, config, CPU)
+    again = perplexity(tiny_model, tokenizer, config, CPU)
+    assert len(first.text_sha256) == 64 and first.text_sha256 == again.text_sha256
+
+    import lorsbench.data.text
+
+    changed = heldout_ids.clone()
+    changed[3] = (changed[3] + 1) % tiny_model.config.vocab_size
+    monkeypatch.setattr(lorsbench.data.text, "corpus_tokens", lambda source, tokenizer, part: changed)
+    assert perplexity(tiny_model, tokenizer, config, CPU).text_sha256 != first.text_sha256

@@ -109,6 +109,7 @@ def test_run_json_has_every_field(compose, tiny_assets, tmp_path):
     assert on_disk["mean_acc"] == pytest.approx(task["acc"])
     assert (out / on_disk["lm_eval_json"]).exists()
     assert on_disk["perplexity"] > 1 and on_disk["perplexity_tokens"] > 0
+    assert len(on_disk["perplexity_text_sha256"]) == 64
 
 
 def test_none_method_keeps_the_mask_and_trains_nothing(compose, tiny_assets, tmp_path):

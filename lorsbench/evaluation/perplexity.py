@@ -9,6 +9,7 @@ tokens); the count of scored tokens is recorded with it.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class PerplexityResult:
     stride: int
     source: str
     nll_mean: float = math.nan  # mean negative log-likelihood per scored token (nats)
+    text_sha256: str = ""  # of the evaluated token ids: equal digests = the same text and tokenization
 
 
 @dataclass(frozen=True)
@@ -99,5 +101,6 @@ def perplexity(model, tokenizer, config: PerplexityConfig, device: torch.device)
     finally:
         model.train(was_training)
     nll_mean = total / count
+    digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
     return PerplexityResult(perplexity=math.exp(nll_mean), tokens=count, window=config.window,
-                            stride=config.stride, source=config.source, nll_mean=nll_mean)
+                            stride=config.stride, source=config.source, nll_mean=nll_mean, text_sha256=digest)

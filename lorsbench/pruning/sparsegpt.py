@@ -136,15 +136,18 @@ class SparseGPTPruner(Pruner):
     updates_weights = True
     Options = SparseGPTOptions
 
+    def __init__(self, config):
+        super().__init__(config)
+        if config.pattern.is_nm and self.options.blocksize % config.pattern.m:
+            raise ConfigError(
+                f"pruning.blocksize={self.options.blocksize} must be a multiple of m={config.pattern.m} "
+                f"for pattern {config.pattern.name}"
+            )
+
     def prune(self, model: nn.Module, calibration: list[Batch] | None, device=None) -> MaskSet:
         config, options = self.config, self.options
         for name, linear in target_linears(model, config.targets).items():
             check_nm_divides(name, linear.weight.shape[1], config.pattern)
-        if config.pattern.is_nm and options.blocksize % config.pattern.m:
-            raise ConfigError(
-                f"pruning.blocksize={options.blocksize} must be a multiple of m={config.pattern.m} "
-                f"for pattern {config.pattern.name}"
-            )
 
         def new_stats(linear: nn.Module) -> InputHessian:
             return InputHessian(linear.weight.shape[1], linear.weight.device)
