@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lorsbench.config import RunConfig
+from lorsbench.config import PatternConfig, RunConfig
 from lorsbench.method import Method, MethodContext, build_method
 from lorsbench.profiling import PhaseMeter
 from lorsbench.pruning.masks import measure_sparsity
@@ -56,7 +56,10 @@ class Run:
         return PhaseMeter(phase, self.device)
 
     def sparsity(self, stage: str, model) -> None:
-        report = measure_sparsity(model, self.cfg.pruning.targets, self.masks, self.cfg.pruning.pattern)
+        pattern = self.cfg.pruning.pattern
+        if self.cfg.pruning.sparsity == 0:  # the dense reference makes no N:M claim to check
+            pattern = PatternConfig(name="unstructured")
+        report = measure_sparsity(model, self.cfg.pruning.targets, self.masks, pattern)
         self.record.update(report.as_dict(stage))
         log.info("sparsity %s: %.4f (mask preserved: %s, N:M valid: %s)", stage, report.sparsity,
                  report.mask_preserved, report.nm_valid)

@@ -49,9 +49,13 @@ def lora_factors(d_out: int, d_in: int, rank: int, generator: torch.Generator) -
 
 
 class AdapterLinear(nn.Module):
-    """A target linear with its frozen base weight (`.weight`, `.bias`), its stored mask and an adapter."""
+    """A target linear with its frozen base weight (`.weight`, `.bias`), its stored mask and an adapter.
 
-    def __init__(self, base: nn.Linear, mask: torch.Tensor):
+    `keep_mask=False` for adapters whose training never reads the mask (plain LoRA, SPP): the mask is checked
+    against the base weight here and then not kept, so it costs no device memory (6.5 GiB of bool at Llama-3-8B).
+    """
+
+    def __init__(self, base: nn.Linear, mask: torch.Tensor, keep_mask: bool = True):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -62,11 +66,12 @@ class AdapterLinear(nn.Module):
             self.bias.requires_grad_(False)
         if tuple(mask.shape) != tuple(base.weight.shape):
             raise ValueError(f"stored mask has shape {tuple(mask.shape)}, weight has {tuple(base.weight.shape)}")
-        self.register_buffer("mask", mask.to(device=base.weight.device, dtype=torch.bool), persistent=False)
+        mask = mask.to(device=base.weight.device, dtype=torch.bool)
         with torch.no_grad():
-            if bool((self.weight[~self.mask] != 0).any()):
+            if bool((self.weight[~mask] != 0).any()):
                 raise ValueError("the base weight is non-zero where the stored mask prunes it: "
                                  "apply the masks (lorsbench.pruning.masks.apply_masks) before attaching")
+        self.register_buffer("mask", mask if keep_mask else None, persistent=False)
 
     @abstractmethod
     def merged_weight(self) -> torch.Tensor:

@@ -26,13 +26,21 @@ log = logging.getLogger(__name__)
 
 INITS = ("grad_svd", "lora")
 GRAD_SCALES = ("one", "s")
+# Where the training-time keep-mask comes from: the stored artifact (a bool d_out×d_in buffer on the device), or
+# the frozen base itself as `W != 0` (no buffer; a kept weight that is exactly 0 stays 0, methods.md 8 item 7).
+MASK_SOURCES = ("stored", "weight")
 
 
-def _effective_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor,
+def keep_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The keep-mask M: the stored one, or `W != 0` of the frozen base when `mask` is None."""
+    return weight != 0 if mask is None else mask
+
+
+def _effective_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None,
                       scaling: float) -> torch.Tensor:
     """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (methods.md 5.1)."""
     dtype = weight.dtype
-    return torch.addmm(weight, U.to(dtype), V.to(dtype), alpha=scaling).mul_(mask)
+    return torch.addmm(weight, U.to(dtype), V.to(dtype), alpha=scaling).mul_(keep_mask(weight, mask))
 
 
 class _LoRSFunction(torch.autograd.Function):
@@ -71,7 +79,7 @@ class _LoRSFunction(torch.autograd.Function):
         if need_u or need_v:
             if ctx.exact:
                 # dU = s (G⊙M) Vᵀ, dV = s Uᵀ (G⊙M): G = dYᵀX is formed once (methods.md 5.6).
-                g = (dy.t() @ x2).mul_(mask)
+                g = (dy.t() @ x2).mul_(keep_mask(weight, mask))
                 du = ctx.scaling * (g @ v.t()) if need_u else None
                 dv = ctx.scaling * (u.t() @ g) if need_v else None
                 del g
@@ -85,7 +93,7 @@ class _LoRSFunction(torch.autograd.Function):
         return dx, None, cast(du, U), cast(dv, V), None, db, None, None, None, None
 
 
-def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor,
+def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float, bias: torch.Tensor | None = None, exact: bool = False,
                 grad_scale: float = 1.0, kernel: str = "torch") -> torch.Tensor:
     """`Y = X ((W + s U V) ⊙ M)ᵀ + b` (methods.md 5.1).
@@ -94,7 +102,7 @@ def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch
     (1 in the repo; `g = s` gives exactly the gradient of unmasked LoRA). `exact=True`: the masked gradient.
     `dX = dY W_eff` is exact in both. W, M, bias get no gradient (frozen).
     `kernel`: `torch` (W_eff built by addmm + mask), `triton` (one Triton pass + cuBLAS), `fused` (W_eff inside
-    the GEMM's tile loads) or `auto` (methods/_lors_triton.py).
+    the GEMM's tile loads) or `auto` (methods/_lors_triton.py). `mask=None`: M = `W != 0` (not with `fused`).
     """
     if weight.requires_grad:
         raise ValueError("lors_linear keeps the base weight frozen; it cannot produce a gradient for W")
@@ -103,11 +111,12 @@ def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch
 
 
 class LoRSLinear(AdapterLinear):
-    """A target linear trained with LoRS: frozen W, stored mask M, adapter U (d_out×r, zero), V (r×d_in)."""
+    """A target linear trained with LoRS: frozen W, mask M (stored, or `W != 0` with mask_source=weight),
+    adapter U (d_out×r, zero), V (r×d_in)."""
 
     def __init__(self, base: nn.Linear, mask: torch.Tensor, rank: int, scaling: float, exact: bool,
-                 grad_scale: float, V_init: torch.Tensor, kernel: str = "torch"):
-        super().__init__(base, mask)
+                 grad_scale: float, V_init: torch.Tensor, kernel: str = "torch", mask_source: str = "stored"):
+        super().__init__(base, mask, keep_mask=mask_source == "stored")
         self.kernel = kernel
         self.scaling = scaling
         self.exact = exact
@@ -237,18 +246,30 @@ class LoRSBase(Method):
             V = V_inits.pop(name, None)
             if V is None:
                 V = kaiming_uniform((c.rank, linear.in_features), ctx.generator)
+            if c.mask_source == "weight":
+                kept_zeros[0] += int((mask.to(linear.weight.device) & (linear.weight == 0)).sum())
             return LoRSLinear(linear, mask, c.rank, s, self.exact, self._grad_scale(s), V,
-                              kernel=getattr(c, "kernel", "torch"))
+                              kernel=getattr(c, "kernel", "torch"), mask_source=c.mask_source)
 
-        return attach_adapters(model, masks, targets, make)
+        kept_zeros = [0]
+        trainable = attach_adapters(model, masks, targets, make)
+        if kept_zeros[0]:
+            log.warning("mask_source=weight: %d kept weight(s) are exactly 0 and stay 0 (treated as pruned)",
+                        kept_zeros[0])
+        return trainable
 
     def merge(self, model: nn.Module) -> nn.Module:
         return merge_adapters(model)
 
 
-def check_common(rank: int, alpha: float, scaling: str, init: str, init_samples: int, init_gamma: float) -> None:
+def check_common(rank: int, alpha: float, scaling: str, init: str, init_samples: int, init_gamma: float,
+                 kernel: str = "torch", mask_source: str = "stored") -> None:
     """Validation shared by the two LoRS configs."""
     scaling_factor(scaling, alpha, rank)
+    if mask_source not in MASK_SOURCES:
+        raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, got {mask_source!r}")
+    if mask_source == "weight" and kernel == "fused":
+        raise ValueError("kernel=fused reads the stored mask; use mask_source=stored or kernel=auto|torch|triton")
     if rank <= 0:
         raise ValueError(f"rank must be > 0, got {rank}")
     if init not in INITS:

@@ -275,8 +275,10 @@ if triton is not None:
     @triton.jit
     def _build_kernel(w_ptr, m_ptr, u_ptr, v_ptr, out_ptr, N, K, R, scaling,
                       swn, swk, smn, smk, sun, sur, svr, svk, son, sok,
-                      R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One pass: out = (W + s·U·V) ⊙ M, U and V read in their own dtype and cast to W's."""
+                      R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      MASK_FROM_W: tl.constexpr):
+        """One pass: out = (W + s·U·V) ⊙ M, U and V read in their own dtype and cast to W's.
+        MASK_FROM_W: M = (W != 0), no mask read (m_ptr unused)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,7 +289,10 @@ if triton is not None:
         r_ok = offs_r < R
         tile = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk, mask=tile, other=0.0)
-        keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_k[None, :] * smk, mask=tile, other=0)
+        if MASK_FROM_W:
+            keep = (w != 0).to(tl.int8)
+        else:
+            keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_k[None, :] * smk, mask=tile, other=0)
         u = tl.load(u_ptr + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None] & r_ok[None, :],
                     other=0.0).to(w.dtype)
         v = tl.load(v_ptr + offs_r[:, None] * svr + offs_k[None, :] * svk, mask=r_ok[:, None] & k_ok[None, :],
@@ -299,15 +304,16 @@ if triton is not None:
 BUILD_BLOCKS = (64, 128, 4)  # (block_n, block_k, num_warps): memory-bound; measured in notes/gpu.md
 
 
-def build_weff(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor, scaling: float,
+def build_weff(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                dtype: torch.dtype | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """`(W + s U V) ⊙ M` in one Triton pass, in `dtype` (default: W's); the same rounding as `addmm` + mask."""
+    """`(W + s U V) ⊙ M` in one Triton pass, in `dtype` (default: W's); the same rounding as `addmm` + mask.
+    `mask=None`: M = `W != 0`, read from the weight tile itself (no mask bytes)."""
     if triton is None:
         raise RuntimeError("build_weff needs triton (use kernel=torch)")
     N, K = weight.shape
-    keep = _mask_u8(mask)
     dtype = dtype or weight.dtype
     w = weight if weight.dtype == dtype else weight.to(dtype)
+    keep = _mask_u8(mask) if mask is not None else w  # w: an unused pointer under MASK_FROM_W
     out = torch.empty((N, K), dtype=dtype, device=weight.device)
     block_n, block_k, warps = blocks or BUILD_BLOCKS
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
@@ -315,7 +321,8 @@ def build_weff(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: tor
         w, keep, U, V, out, N, K, U.shape[1], float(scaling),
         w.stride(0), w.stride(1), keep.stride(0), keep.stride(1), U.stride(0), U.stride(1),
         V.stride(0), V.stride(1), out.stride(0), out.stride(1),
-        R_PAD=_rank_pad(U.shape[1]), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        R_PAD=_rank_pad(U.shape[1]), BLOCK_N=block_n, BLOCK_K=block_k, MASK_FROM_W=mask is None,
+        num_warps=warps,
     )
     return out
 
@@ -323,6 +330,7 @@ def build_weff(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: tor
 def forward(kernel: str, x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
             mask: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`X W_effᵀ (+ b)` through the `triton` (one-pass W_eff + cuBLAS) or `fused` path."""
+    _check_fused_mask(kernel, mask)
     if kernel == "fused":
         return weff_linear(x, weight, U, V, mask, scaling, bias)
     w_eff = build_weff(weight, U, V, mask, scaling, x.dtype)
@@ -332,9 +340,15 @@ def forward(kernel: str, x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor,
 def grad_input(kernel: str, grad_out: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
                mask: torch.Tensor, scaling: float) -> torch.Tensor:
     """`dY W_eff` through the `triton` or `fused` path; grad_out is (..., N), the result (..., K)."""
+    _check_fused_mask(kernel, mask)
     if kernel == "fused":
         return weff_grad_input(grad_out, weight, U, V, mask, scaling)
     return grad_out @ build_weff(weight, U, V, mask, scaling, grad_out.dtype)
+
+
+def _check_fused_mask(kernel: str, mask: torch.Tensor | None) -> None:
+    if kernel == "fused" and mask is None:
+        raise ValueError("kernel=fused reads the stored mask; use mask_source=stored or kernel=triton")
 
 
 def _mask_u8(mask: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,11 @@ from lorsbench.pruning.masks import MaskSet
 class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, mask: torch.Tensor, rank: int, scaling: float, dropout: float,
                  remask: bool, generator: torch.Generator):
-        super().__init__(base, mask)
+        super().__init__(base, mask, keep_mask=False)  # training never reads it
         self.scaling = scaling
         self.remask = remask
+        # merge=remask needs the mask once, at merge: a host copy, so training holds no mask on the device
+        self.merge_mask = mask.to("cpu", torch.bool) if remask else None
         self.lora_U, self.lora_V = lora_factors(self.out_features, self.in_features, rank, generator)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -36,7 +38,7 @@ class LoRALinear(AdapterLinear):
     def merged_weight(self) -> torch.Tensor:
         dtype = merge_dtype(self.weight)
         merged = self.weight.to(dtype) + self.scaling * (self.lora_U.to(dtype) @ self.lora_V.to(dtype))
-        return merged * self.mask if self.remask else merged
+        return merged * self.merge_mask.to(merged.device) if self.remask else merged
 
 
 @register_method("lora")

@@ -31,10 +31,12 @@ class LoRS(LoRSBase):
         init_samples: int = 16  # training examples for the gradient estimate (paper: 128)
         init_gamma: float = 1.0  # V = Q_rᵀ / gamma (authors' stable_gamma)
         kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
+        mask_source: str = "stored"  # stored (the artifact's bool mask on the device) | weight (M = W != 0, no buffer)
         targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):
-            check_common(self.rank, self.alpha, self.scaling, self.init, self.init_samples, self.init_gamma)
+            check_common(self.rank, self.alpha, self.scaling, self.init, self.init_samples, self.init_gamma,
+                         self.kernel, self.mask_source)
             check_kernel(self.kernel)
             if self.grad_scale not in GRAD_SCALES:
                 raise ValueError(f"grad_scale must be one of {', '.join(GRAD_SCALES)}, got {self.grad_scale!r}")

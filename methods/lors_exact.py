@@ -26,8 +26,10 @@ class LoRSExact(LoRSBase):
         init_samples: int = 16
         init_gamma: float = 1.0
         kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
+        mask_source: str = "stored"  # stored (the artifact's bool mask on the device) | weight (M = W != 0, no buffer)
         targets: tuple[str, ...] | None = None
 
         def __post_init__(self):
-            check_common(self.rank, self.alpha, self.scaling, self.init, self.init_samples, self.init_gamma)
+            check_common(self.rank, self.alpha, self.scaling, self.init, self.init_samples, self.init_gamma,
+                         self.kernel, self.mask_source)
             check_kernel(self.kernel)

@@ -88,7 +88,7 @@ def spp_adapter_grouped(xd, weight, alpha, beta, scaling: float) -> torch.Tensor
 class SPPLinear(AdapterLinear):
     def __init__(self, base: nn.Linear, mask: torch.Tensor, rows: int, scaling: float, dropout: float,
                  form: str, generator: torch.Generator):
-        super().__init__(base, mask)
+        super().__init__(base, mask, keep_mask=False)  # W ⊙ (1 + ...) keeps W's zeros without it
         if self.out_features % rows:
             raise ConfigError(f"spp needs d_out divisible by rows={rows}; this linear has d_out={self.out_features}")
         self.scaling = scaling

@@ -215,3 +215,13 @@ def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
     for kernel in ("triton", "fused"):
         assert abs(losses["torch"] - losses[kernel]) < 1e-2 * abs(losses["torch"])
         assert _rel(grads[kernel], grads["torch"]) < 2e-2
+
+
+@interpreter
+def test_interpreted_builder_derives_the_mask_from_the_weight():
+    """build_weff(mask=None): M = W != 0 read from the weight tile, bit-identical to passing that mask."""
+    x, w, u, v, mask, _, dy = _problem(8, 48, 80, 16, "cpu", torch.float32, seed=5)
+    assert torch.equal(w != 0, mask)
+    torch.testing.assert_close(lt.build_weff(w, u, v, None, 0.7), lt.build_weff(w, u, v, mask, 0.7), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kernel=fused reads the stored mask"):
+        lt.forward("fused", x, w, u, v, None, 0.7)

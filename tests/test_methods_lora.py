@@ -47,3 +47,22 @@ def test_dense_merge_equals_unmerged_and_is_dense():
     torch.testing.assert_close(logits(model, ids), unmerged, rtol=1e-10, atol=1e-10)
     weight = model.get_submodule("model.layers.0.mlp.up_proj").weight
     assert float((weight == 0).float().mean()) < 0.01  # sparsity lost (methods.md 1.2)
+
+
+def test_only_methods_that_train_with_the_mask_keep_it_on_the_device():
+    """Plain LoRA and SPP never read the mask in training: no d_out x d_in mask buffer (6.5 GiB at Llama-3-8B);
+    LoRS, SQFT and sparse full fine-tuning do keep it. remask keeps a host copy for the merge."""
+    for name, params, keeps in [("lora", {}, False), ("lora", {"merge": "remask"}, False), ("spp", {}, False),
+                                ("lors", {"init": "lora"}, True), ("sqft", {}, True), ("full_sparse_ft", {}, True)]:
+        model = tiny_llama()
+        masks = random_masks(model, "unstructured")
+        build_method(MethodSpec(name=name, params=params)).attach(model, masks, context())
+        for target, module in target_linears(model, TARGETS).items():
+            buffers = dict(module.named_buffers())
+            assert ("mask" in buffers) == keeps, (name, params)
+            if keeps:
+                assert torch.equal(buffers["mask"], masks[target])
+        remask_copy = getattr(module, "merge_mask", None)
+        assert (remask_copy is not None) == (params.get("merge") == "remask")
+        if remask_copy is not None:
+            assert remask_copy.device.type == "cpu" and torch.equal(remask_copy, masks[target].cpu())

@@ -205,3 +205,45 @@ def test_grad_svd_init_is_reproducible_and_leaves_global_rng_alone():
         assert torch.equal(torch.rand(3), expected_draw)
         Vs.append(model.get_submodule("model.layers.1.self_attn.o_proj").lora_V.clone())
     torch.testing.assert_close(Vs[0], Vs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_mask_from_the_weight_equals_the_stored_mask_when_no_kept_weight_is_zero(exact):
+    """mask_source=weight (M = W != 0, no buffer): the same forward and every gradient as the stored mask."""
+    weight, mask, U, V, bias, x, dy = _problem(3)
+    assert torch.equal(weight != 0, mask)  # randn never draws an exact 0
+    stored = _grads(lambda x, U, V: lors_linear(x, weight, U, V, mask, S, bias, exact=exact), x, U, V, dy)
+    derived = _grads(lambda x, U, V: lors_linear(x, weight, U, V, None, S, bias, exact=exact), x, U, V, dy)
+    for a, b in zip(stored, derived):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mask_from_the_weight_keeps_the_stored_mask_and_freezes_kept_zeros():
+    """No mask buffer on the module; every weight the stored mask pruned is exactly 0 after merge; a kept weight
+    that is exactly 0 is treated as pruned (methods.md 8 item 7) and stays 0."""
+    model = tiny_llama()
+    masks = random_masks(model, "2of4")
+    name = "model.layers.0.mlp.up_proj"
+    kept = masks[name].nonzero()[0]
+    with torch.no_grad():
+        model.get_submodule(name).weight[kept[0], kept[1]] = 0.0
+    method = build_method(MethodSpec("lors", {"init": "lora", "mask_source": "weight", "kernel": "torch"}))
+    params = method.attach(model, masks, context())
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)
+    for module in target_linears(model, TARGETS).values():
+        assert "mask" not in dict(module.named_buffers())
+    merged = method.merge(model)
+    for target, linear in target_linears(merged, TARGETS).items():
+        assert bool((linear.weight[~masks[target]] == 0).all())
+    assert float(merged.get_submodule(name).weight[kept[0], kept[1]]) == 0.0
+
+
+def test_mask_source_is_validated():
+    from lorsbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mask_source"):
+        build_method(MethodSpec("lors", {"mask_source": "weights"}))
+    with pytest.raises(ConfigError, match="kernel=fused reads the stored mask"):
+        build_method(MethodSpec("lors_exact", {"mask_source": "weight", "kernel": "fused"}))

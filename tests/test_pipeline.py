@@ -124,6 +124,14 @@ def test_none_method_keeps_the_mask_and_trains_nothing(compose, tiny_assets, tmp
     assert (tmp_path / "run" / record["merged_dir"] / "masks.safetensors").exists()
 
 
+def test_dense_reference_makes_no_nm_claim(compose, tiny_assets, tmp_path):
+    """pruning=none with an N:M pattern (a sweep's dense row) is dense: N:M validity is not applicable."""
+    cfg = build_run_config(compose(_overrides(tiny_assets, tmp_path, "pruning=none", "method=none", "pattern=2of4")))
+    record = run_pipeline(cfg, tmp_path / "run")
+    assert record["status"] == "success", record.get("error")
+    assert record["nm_valid_after_merge"] is None and record["sparsity_after_merge"] < 0.01
+
+
 def test_failure_is_recorded_with_phase_and_error(compose, tiny_assets, tmp_path):
     overrides = _overrides(tiny_assets, tmp_path, "method=lora")
     overrides[overrides.index(f"data.path={tiny_assets['data']}")] = f"data.path={tmp_path / 'missing.jsonl'}"
