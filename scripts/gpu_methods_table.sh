@@ -3,7 +3,9 @@
 # once (the default model is 135M parameters: a dozen runs share one H100). One `python -m lorsbench` process per
 # job; every job's folder lands under $LORSBENCH_OUTPUT. Used on the lent GPU machine (see notes/gpu.md):
 #   LORSBENCH_OUTPUT=/tmp/out JOBS=12 bash scripts/gpu_methods_table.sh
-# GPU step times of these runs are taken with JOBS processes sharing the GPU: use them for nothing. CPU step time
+#   (SEEDS="1 2" REFERENCE=0 HEADLINE=0: only those seeds' trained jobs; DEADLINE_S: stop launching after that long)
+# GPU step times of these runs are taken with JOBS processes sharing the GPU: use them for nothing. 12 jobs fit an
+# 80 GB H100 (22 did not: six runs ran out of memory). CPU step time
 # and peak RSS come from separate CPU runs (see conf/experiment/methods_table.yaml).
 set -u
 JOBS=${JOBS:-12}
