@@ -328,7 +328,7 @@ def build_weff(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: tor
 
 
 def forward(kernel: str, x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-            mask: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`X W_effᵀ (+ b)` through the `triton` (one-pass W_eff + cuBLAS) or `fused` path."""
     _check_fused_mask(kernel, mask)
     if kernel == "fused":
@@ -338,7 +338,7 @@ def forward(kernel: str, x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor,
 
 
 def grad_input(kernel: str, grad_out: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-               mask: torch.Tensor, scaling: float) -> torch.Tensor:
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """`dY W_eff` through the `triton` or `fused` path; grad_out is (..., N), the result (..., K)."""
     _check_fused_mask(kernel, mask)
     if kernel == "fused":
