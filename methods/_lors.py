@@ -31,7 +31,7 @@ GRAD_SCALES = ("one", "s")
 MASK_SOURCES = ("stored", "weight")
 
 
-def keep_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _mask_or_nonzero(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The keep-mask M: the stored one, or `W != 0` of the frozen base when `mask` is None."""
     return weight != 0 if mask is None else mask
 
@@ -40,7 +40,7 @@ def _effective_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, ma
                       scaling: float) -> torch.Tensor:
     """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (methods.md 5.1)."""
     dtype = weight.dtype
-    return torch.addmm(weight, U.to(dtype), V.to(dtype), alpha=scaling).mul_(keep_mask(weight, mask))
+    return torch.addmm(weight, U.to(dtype), V.to(dtype), alpha=scaling).mul_(_mask_or_nonzero(weight, mask))
 
 
 class _LoRSFunction(torch.autograd.Function):
@@ -79,7 +79,7 @@ class _LoRSFunction(torch.autograd.Function):
         if need_u or need_v:
             if ctx.exact:
                 # dU = s (G⊙M) Vᵀ, dV = s Uᵀ (G⊙M): G = dYᵀX is formed once (methods.md 5.6).
-                g = (dy.t() @ x2).mul_(keep_mask(weight, mask))
+                g = (dy.t() @ x2).mul_(_mask_or_nonzero(weight, mask))
                 du = ctx.scaling * (g @ v.t()) if need_u else None
                 dv = ctx.scaling * (u.t() @ g) if need_v else None
                 del g
@@ -246,16 +246,17 @@ class LoRSBase(Method):
             V = V_inits.pop(name, None)
             if V is None:
                 V = kaiming_uniform((c.rank, linear.in_features), ctx.generator)
-            if c.mask_source == "weight":
-                kept_zeros[0] += int((mask.to(linear.weight.device) & (linear.weight == 0)).sum())
             return LoRSLinear(linear, mask, c.rank, s, self.exact, self._grad_scale(s), V,
                               kernel=getattr(c, "kernel", "torch"), mask_source=c.mask_source)
 
-        kept_zeros = [0]
         trainable = attach_adapters(model, masks, targets, make)
-        if kept_zeros[0]:
-            log.warning("mask_source=weight: %d kept weight(s) are exactly 0 and stay 0 (treated as pruned)",
-                        kept_zeros[0])
+        if c.mask_source == "weight":
+            modules = dict(model.named_modules())
+            kept_zeros = sum(int((masks[n].to(modules[n].weight.device) & (modules[n].weight == 0)).sum())
+                             for n in names)
+            if kept_zeros:
+                log.warning("mask_source=weight: %d kept weight(s) are exactly 0 and stay 0 (treated as pruned)",
+                            kept_zeros)
         return trainable
 
     def merge(self, model: nn.Module) -> nn.Module:

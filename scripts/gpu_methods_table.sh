@@ -14,18 +14,19 @@ DEADLINE_S=${DEADLINE_S:-520}
 SEEDS=${SEEDS:-0 1 2}
 REFERENCE=${REFERENCE:-1}   # 0: skip the pruned-only and dense rows (already run)
 PY=${PYTHON:-python3}
+MODEL=${MODEL:-smollm2-135m}   # the bundled model the grid uses (conf/model/<name>.yaml, the default config's)
 export OMP_NUM_THREADS=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 start=$(date +%s)
 mkdir -p "$OUTPUT/logs"
 
 # The model's one-time GGUF conversion, before any job races for it.
-$PY - <<'EOF' || exit 1
+MODEL=$MODEL $PY - <<'EOF' || exit 1
 import os, torch
 from pathlib import Path
 from lorsbench.models import load_model
 from lorsbench.config import ModelConfig
 cache = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
-load_model(ModelConfig(name="smollm2-135m", source="bundled"), torch.float32, torch.device("cpu"), cache)
+load_model(ModelConfig(name=os.environ["MODEL"], source="bundled"), torch.float32, torch.device("cpu"), cache)
 print("model ready")
 EOF
 
