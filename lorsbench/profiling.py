@@ -3,6 +3,8 @@
 GPU: `max_memory_allocated` / `max_memory_reserved` after `reset_peak_memory_stats` at phase start.
 CPU: the process's peak RSS (VmHWM), reset at phase start through /proc/self/clear_refs (Linux >= 4.0).
 Step time: device-synchronized wall clock; the first `warmup_steps` steps are excluded; median and p90.
+Kernel time (CUDA only): the sum of the device time of every kernel a step launches (torch.profiler), i.e. the
+GPU's busy time without the gaps where it waits for the host: the part of a launch-bound step that fusion can cut.
 """
 from __future__ import annotations
 
@@ -133,3 +135,22 @@ class StepTimer:
         # nearest-rank p90
         p90 = ordered[min(len(ordered) - 1, max(0, int(-(-0.9 * len(ordered) // 1)) - 1))]
         return {"step_ms_median": statistics.median(measured), "step_ms_p90": p90, "measured_steps": len(measured)}
+
+
+def kernel_ms_per_step(run_steps: Callable[[Callable[[], None]], object], skip_steps: int, active_steps: int,
+                       device: torch.device) -> float | None:
+    """Mean device kernel time (ms) of `active_steps` steps after `skip_steps` (CUDA only; None elsewhere).
+
+    `run_steps(after_step)` must run `skip_steps + 1 + active_steps` steps and call `after_step()` after each (one
+    profiler warm-up step between the skipped and the recorded ones). Sums each op's *self* device time, so every
+    kernel counts once; the profiler's own host overhead does not enter device time.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    plan = schedule(wait=skip_steps, warmup=1, active=active_steps, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=plan) as prof:
+        run_steps(prof.step)
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return total_us / 1000.0 / active_steps

@@ -58,8 +58,11 @@ def train(
     device: torch.device,
     log_path: Path | None = None,
     loss_fn: LossFn = causal_lm_loss,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Run `config.max_steps` optimizer steps over `params`; log one JSON line per step to `log_path`.
+
+    `after_step` runs after each step, outside the timed region (the benchmark's profiler advances on it).
 
     `tokens_per_s` counts every position of the fixed-length batches (padding included), so methods compare on
     identical shapes.
@@ -105,6 +108,8 @@ def train(
                     "memory_gib": current_memory_gib(device), "tokens": tokens_per_step,
                 }) + "\n")
                 log_file.flush()
+            if after_step is not None:
+                after_step()
     finally:
         if log_file is not None:
             log_file.close()

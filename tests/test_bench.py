@@ -55,6 +55,7 @@ def test_run_step_measures_one_configuration(method):
     assert row.measured_steps == 2 and row.step_ms_median > 0 and math.isfinite(row.final_loss)
     assert row.saved_activations_gib > 0
     assert row.trainable_params > 0 and row.method == method
+    assert row.gpu_kernel_ms is None  # kernel time is measured on CUDA only
 
 
 def test_run_step_reports_an_out_of_memory_error_as_a_row(monkeypatch):
@@ -98,7 +99,16 @@ def test_ratios_markdown_and_csv_round_trip(tmp_path):
     assert back[1]["step_ms_median"] == 220.0 and back[1]["method_config"] == {"rank": 16}
     assert back[2]["status"] == "oom" and back[2]["step_ms_median"] is None
     assert table.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert "kernel ms" not in text.split("Full numbers")[0]  # no kernel column where no row measured one
     assert table.plot(rows, tmp_path / "x.png", "t") and (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_kernel_time_gets_its_own_ratio_and_headline_column():
+    lora, lors = _row("lora", 512, 200.0, 20.0), _row("lors", 512, 190.0, 20.0)
+    lora["gpu_kernel_ms"], lors["gpu_kernel_ms"] = 80.0, 60.0
+    rows = table.add_ratios([lora, lors])
+    assert rows[1]["kernel_vs_ref"] == pytest.approx(0.75)
+    assert "| `lors` | 20.00 (1.00×) | 190.0 (0.95×) | 60.0 (0.75×) |" in table.markdown(rows, "t")
 
 
 def test_bench_cli_writes_csv_markdown_and_plot(tmp_path, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorsbench.profiling import PhaseMeter, StepTimer
+from lorsbench.profiling import PhaseMeter, StepTimer, kernel_ms_per_step
 
 
 class FakeClock:
@@ -57,3 +57,41 @@ def test_cpu_phase_peak_rss_sees_a_large_allocation_and_resets():
         pass
     assert big.stats.peak_rss_gib - small.stats.peak_rss_gib > 0.2
     assert set(big.stats.as_dict()) == {"big_wall_s", "peak_rss_gib_big"}
+
+
+def test_kernel_time_is_cuda_only():
+    ran = []
+    assert kernel_ms_per_step(lambda after_step: ran.append(1), 1, 3, torch.device("cpu")) is None
+    assert not ran  # nothing is run (or profiled) where there are no kernels to time
+
+
+@pytest.mark.gpu
+def test_kernel_time_matches_cuda_events_of_a_gemm_loop():
+    """Kernel time of a step of back-to-back GEMMs is their CUDA-event time (no host gaps inside), and the host
+    gaps a sleep adds between kernels do not enter it."""
+    import time
+
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+
+    def step():
+        for _ in range(8):
+            a @ a
+        time.sleep(0.02)
+
+    def run_steps(after_step):
+        for _ in range(5):
+            step()
+            after_step()
+
+    step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(8):
+        a @ a
+    end.record()
+    torch.cuda.synchronize()
+    gemm_ms = start.elapsed_time(end)
+    kernel_ms = kernel_ms_per_step(run_steps, skip_steps=1, active_steps=3, device=device)
+    assert kernel_ms == pytest.approx(gemm_ms, rel=0.25)
+    assert kernel_ms < 20.0  # the 20 ms sleep per step is host time, not kernel time

@@ -57,6 +57,15 @@ def test_loop_trains_only_given_params_logs_every_step(tmp_path):
     assert not model.training
 
 
+def test_after_step_runs_once_per_optimizer_step():
+    model = Toy()
+    calls = []
+    config = TrainerConfig(max_steps=3, micro_batch_size=4, grad_accum=2, seq_len=1, lr=1e-2, warmup_steps=0)
+    train(model, list(model.head.parameters()), _batches(), config, ProfileConfig(warmup_steps=0),
+          torch.device("cpu"), loss_fn=_loss, after_step=lambda: calls.append(model.training))
+    assert calls == [True, True, True]  # inside the loop, after the step, before the model is put back in eval
+
+
 def test_no_trainable_params_means_no_steps():
     result = train(Toy(), [], _batches(), TrainerConfig(max_steps=5), ProfileConfig(), torch.device("cpu"))
     assert result.steps == 0 and result.step_ms_median is None

@@ -71,7 +71,8 @@ def _subprocess_run(spec, timeout_s: float) -> dict:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "lorsbench.bench.step", "--model", spec.model, "--pattern", spec.pattern,
                "--sparsity", str(spec.sparsity), "--rank", str(spec.rank), "--batch-size", str(spec.batch_size),
-               "--warmup", str(spec.warmup_steps), "--steps", str(spec.measured_steps), "--seed", str(spec.seed),
+               "--warmup", str(spec.warmup_steps), "--steps", str(spec.measured_steps),
+               "--profiled-steps", str(spec.profiled_steps), "--seed", str(spec.seed),
                "--dtype", spec.dtype, "--device", spec.device, "--method", spec.method, "--seq-len",
                str(spec.seq_len), "--json-out", str(out)]
         try:

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +49,7 @@ class StepSpec:
     rank: int = 16
     warmup_steps: int = 5
     measured_steps: int = 20
+    profiled_steps: int = 3  # after the timed ones, under torch.profiler: device kernel time (CUDA only)
     seed: int = 0
     dtype: str = "bfloat16"
     device: str = "cuda"
@@ -72,6 +73,7 @@ class StepRow:
     phase: str | None = None
     step_ms_median: float | None = None
     step_ms_p90: float | None = None
+    gpu_kernel_ms: float | None = None  # device kernel time per step (the GPU's busy time, host gaps excluded)
     measured_steps: int = 0
     peak_alloc_gib: float | None = None
     peak_reserved_gib: float | None = None
@@ -196,7 +198,7 @@ def run_step(spec: StepSpec) -> StepRow:
     """Build, prune, attach and train one configuration; every failure becomes a row (status oom | failed)."""
     from lorsbench.method import MethodContext, build_method
     from lorsbench.models import load_model
-    from lorsbench.profiling import PhaseMeter
+    from lorsbench.profiling import PhaseMeter, kernel_ms_per_step
     from lorsbench.runtime import resolve_device, torch_dtype
     from lorsbench.training import causal_lm_loss, train
 
@@ -247,6 +249,13 @@ def run_step(spec: StepSpec) -> StepRow:
             row.peak_alloc_gib = stats.peak_rss_gib
         row.step_ms_median, row.step_ms_p90 = result.step_ms_median, result.step_ms_p90
         row.measured_steps, row.tokens_per_s, row.final_loss = result.measured_steps, result.tokens_per_s, result.final_loss
+        if spec.profiled_steps > 0:
+            phase = "kernel_time"
+            profiled = replace(trainer, max_steps=2 + spec.profiled_steps)
+            row.gpu_kernel_ms = kernel_ms_per_step(
+                lambda after_step: train(model, params, batches, profiled, ProfileConfig(warmup_steps=0), device,
+                                         after_step=after_step),
+                skip_steps=1, active_steps=spec.profiled_steps, device=device)
         phase = "saved_tensors"
         row.saved_activations_gib = saved_activation_bytes(model, next(batches), causal_lm_loss) / GIB
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the table
@@ -268,6 +277,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=StepSpec.batch_size)
     parser.add_argument("--warmup", type=int, default=StepSpec.warmup_steps, help="steps excluded from timing")
     parser.add_argument("--steps", type=int, default=StepSpec.measured_steps, help="measured steps")
+    parser.add_argument("--profiled-steps", type=int, default=StepSpec.profiled_steps,
+                        help="steps after the timed ones under torch.profiler for the kernel time (CUDA); 0: off")
     parser.add_argument("--seed", type=int, default=StepSpec.seed)
     parser.add_argument("--dtype", default=StepSpec.dtype)
     parser.add_argument("--device", default=StepSpec.device)
@@ -276,7 +287,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace, method: str, seq_len: int) -> StepSpec:
     return StepSpec(model=args.model, pattern=args.pattern, sparsity=args.sparsity, method=method, seq_len=seq_len,
                     batch_size=args.batch_size, rank=args.rank, warmup_steps=args.warmup,
-                    measured_steps=args.steps, seed=args.seed, dtype=args.dtype, device=args.device)
+                    measured_steps=args.steps, profiled_steps=args.profiled_steps, seed=args.seed, dtype=args.dtype,
+                    device=args.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 COLUMNS = ("label", "method", "model", "pattern", "sparsity", "seq_len", "batch_size", "dtype", "status", "step_ms_median",
-           "step_ms_p90", "time_vs_ref", "peak_alloc_gib", "mem_vs_ref", "peak_reserved_gib", "static_alloc_gib",
+           "step_ms_p90", "time_vs_ref", "gpu_kernel_ms", "kernel_vs_ref", "peak_alloc_gib", "mem_vs_ref", "peak_reserved_gib", "static_alloc_gib",
            "saved_activations_gib", "trainable_params", "tokens_per_s", "measured_steps", "gpu", "torch_version",
            "triton_version", "date_utc", "step_ms_runs", "error", "method_config")
 
@@ -19,7 +19,7 @@ def slug(text: str) -> str:
 
 
 def add_ratios(rows: list[dict[str, Any]], reference: str = "lora") -> list[dict[str, Any]]:
-    """`time_vs_ref` and `mem_vs_ref`: each ok row over the reference row of the same model, pattern and seq_len."""
+    """`time_vs_ref`, `mem_vs_ref` and `kernel_vs_ref`: each ok row over the reference row of the same model, pattern and seq_len."""
     refs = {(r["model"], r["pattern"], r["seq_len"]): r for r in rows if r["label"] == reference and r["status"] == "ok"}
     out = []
     for row in rows:
@@ -27,6 +27,7 @@ def add_ratios(rows: list[dict[str, Any]], reference: str = "lora") -> list[dict
         ref = refs.get((row["model"], row["pattern"], row["seq_len"]))
         row["time_vs_ref"] = _ratio(row.get("step_ms_median"), ref and ref.get("step_ms_median"))
         row["mem_vs_ref"] = _ratio(row.get("peak_alloc_gib"), ref and ref.get("peak_alloc_gib"))
+        row["kernel_vs_ref"] = _ratio(row.get("gpu_kernel_ms"), ref and ref.get("gpu_kernel_ms"))
         out.append(row)
     return out
 
@@ -53,7 +54,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         if key in ("seq_len", "batch_size", "trainable_params", "measured_steps"):
             return int(float(value))
         if key in ("sparsity", "step_ms_median", "step_ms_p90", "time_vs_ref", "peak_alloc_gib", "mem_vs_ref",
-                   "peak_reserved_gib", "static_alloc_gib", "saved_activations_gib", "tokens_per_s"):
+                   "gpu_kernel_ms", "kernel_vs_ref", "peak_reserved_gib", "static_alloc_gib", "saved_activations_gib", "tokens_per_s"):
             return float(value)
         if key in ("method_config", "step_ms_runs"):
             return json.loads(value)
@@ -67,14 +68,17 @@ def _fmt(value, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(row: dict[str, Any] | None) -> tuple[str, str]:
+def _cell(row: dict[str, Any] | None, kernel: bool) -> list[str]:
+    width = 3 if kernel else 2
     if row is None:
-        return "", ""
+        return [""] * width
     if row["status"] != "ok":
-        return row["status"].upper(), row["status"].upper()
-    mem = f"{_fmt(row['peak_alloc_gib'], 2)} ({_fmt(row.get('mem_vs_ref'), 2)}×)"
-    step = f"{_fmt(row['step_ms_median'])} ({_fmt(row.get('time_vs_ref'), 2)}×)"
-    return mem, step
+        return [row["status"].upper()] * width
+    cells = [f"{_fmt(row['peak_alloc_gib'], 2)} ({_fmt(row.get('mem_vs_ref'), 2)}×)",
+             f"{_fmt(row['step_ms_median'])} ({_fmt(row.get('time_vs_ref'), 2)}×)"]
+    if kernel:
+        cells.append(f"{_fmt(row.get('gpu_kernel_ms'))} ({_fmt(row.get('kernel_vs_ref'), 2)}×)")
+    return cells
 
 
 def markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = (), reference: str = "lora") -> str:
@@ -92,17 +96,20 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = 
              f"{first.get('date_utc')} (UTC) · model {first['model']} (random weights) · pattern {first['pattern']} "
              f"(sparsity {first['sparsity']:g}) · batch {first['batch_size']} · {first.get('dtype', 'bfloat16')} · "
              f"ratios vs `{reference}`", ""]
-    header = "| method | " + " | ".join(f"peak GiB @{s} | step ms @{s}" for s in seqs) + " |"
-    lines += [header, "|" + "---|" * (1 + 2 * len(seqs))]
+    kernel = any(r.get("gpu_kernel_ms") is not None for r in rows)
+    per_seq = "peak GiB @{s} | step ms @{s}" + (" | kernel ms @{s}" if kernel else "")
+    header = "| method | " + " | ".join(per_seq.format(s=s) for s in seqs) + " |"
+    lines += [header, "|" + "---|" * (1 + (3 if kernel else 2) * len(seqs))]
     for label in labels:
         cells = []
         for s in seqs:
-            cells.extend(_cell(by.get((label, s))))
+            cells.extend(_cell(by.get((label, s)), kernel))
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", "Full numbers (peak = `max_memory_allocated` during training, weights included; static = allocated "
-              "when training starts; saved = activations autograd keeps for backward in one forward):", "",
-              "| method | seq | status | step ms median | p90 | peak alloc GiB | peak reserved GiB | static GiB | "
-              "saved GiB | trainable params |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "when training starts; saved = activations autograd keeps for backward in one forward; kernel = device "
+              "time of the step's kernels, host gaps excluded):", "",
+              "| method | seq | status | step ms median | p90 | kernel ms | peak alloc GiB | peak reserved GiB | "
+              "static GiB | saved GiB | trainable params |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
         for s in seqs:
             r = by.get((label, s))
@@ -110,7 +117,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = 
                 continue
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error') or ''}"
             lines.append(f"| `{label}` | {s} | {status} | {_fmt(r['step_ms_median'])} | {_fmt(r['step_ms_p90'])} | "
-                         f"{_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r['peak_reserved_gib'], 2)} | "
+                         f"{_fmt(r.get('gpu_kernel_ms'))} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r['peak_reserved_gib'], 2)} | "
                          f"{_fmt(r['static_alloc_gib'], 2)} | {_fmt(r['saved_activations_gib'], 2)} | "
                          f"{r.get('trainable_params') or '–'} |")
     if notes:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The efficiency benchmark (results/efficiency/, issue 5) in stages that each fit one 10-minute device call:
+#   OUT=/tmp/eff bash scripts/gpu_efficiency.sh core8b        # then: others8b, unstr8b, tiny
+# (CPU smoke test: OUT=/tmp/x DEVICE=cpu MODEL_8B=tiny-llama MODEL_SMALL=tiny-llama SEQS=16 REPEATS=2 ... + EXTRA
+#  ="--dtype float32 --warmup 1 --steps 2")
+# Every stage appends to <OUT>/<model>_<pattern>.csv|md|png; copy them to results/efficiency/<gpu>/ afterwards.
+# The reference and LoRS rows run REPEATS processes per cell (interleaved; the row keeps the median one), the
+# rest one process. Nothing here needs hydra or lm-eval.
+set -u
+OUT=${OUT:?set OUT}
+REPEATS=${REPEATS:-3}
+PY=${PYTHON:-python3}
+MODEL_8B=${MODEL_8B:-random-llama3-8b}
+MODEL_SMALL=${MODEL_SMALL:-random-tinyllama-1.1b}
+DEVICE=${DEVICE:-cuda}
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+CORE="lora lors lors:mask_source=weight"
+SEQS=${SEQS:-512 1024 2048}
+bench() { $PY -m lorsbench.bench --device "$DEVICE" --seq-lens $SEQS --out-dir "$OUT" --append --no-plot ${EXTRA:-} "$@"; }
+plot() { $PY - "$OUT" <<'EOF'
+import sys
+from pathlib import Path
+from lorsbench.bench import table
+for path in Path(sys.argv[1]).glob("*.csv"):
+    rows = table.add_ratios(table.read_csv(path))
+    table.plot(rows, path.with_suffix(".png"), f"Training-step efficiency: {rows[0]['model']}, {rows[0]['pattern']}")
+EOF
+}
+for stage in "${@:-core8b}"; do
+  case $stage in
+    core8b)   bench --model $MODEL_8B --pattern 2of4 --methods $CORE --repeats "$REPEATS"
+              bench --model $MODEL_8B --pattern 2of4 --methods spp lors_exact ;;
+    others8b) bench --model $MODEL_8B --pattern 2of4 --methods sqft slope full_sparse_ft ;;
+    unstr8b)  bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods $CORE \
+                    --repeats $(( REPEATS > 2 ? 2 : REPEATS ))
+              bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods spp sqft lors_exact ;;
+    tiny)     bench --model $MODEL_SMALL --pattern 2of4 --methods $CORE spp sqft lors_exact slope full_sparse_ft
+              bench --model $MODEL_SMALL --pattern unstructured --sparsity 0.5 \
+                    --methods $CORE spp sqft lors_exact full_sparse_ft ;;  # slope is 2:4 only
+    *) echo "unknown stage '$stage' (core8b | others8b | unstr8b | tiny)" >&2; exit 2 ;;
+  esac
+done
+plot
