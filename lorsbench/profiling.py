@@ -139,18 +139,36 @@ class StepTimer:
 
 def kernel_ms_per_step(run_steps: Callable[[Callable[[], None]], object], skip_steps: int, active_steps: int,
                        device: torch.device) -> float | None:
-    """Mean device kernel time (ms) of `active_steps` steps after `skip_steps` (CUDA only; None elsewhere).
+    """Mean time per step (ms) the GPU spends running kernels, over `active_steps` steps after `skip_steps`
+    (CUDA only; None elsewhere).
 
     `run_steps(after_step)` must run `skip_steps + 1 + active_steps` steps and call `after_step()` after each (one
-    profiler warm-up step between the skipped and the recorded ones). Sums each op's *self* device time, so every
-    kernel counts once; the profiler's own host overhead does not enter device time.
+    profiler warm-up step between the skipped and the recorded ones). Only device activity is traced (no host op
+    tracing: cheap), and the union of the device events' intervals is taken, so overlapping kernels count once.
     """
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile, schedule
 
     plan = schedule(wait=skip_steps, warmup=1, active=active_steps, repeat=1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=plan) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
         run_steps(prof.step)
-    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-    return total_us / 1000.0 / active_steps
+    kineto = prof.profiler.kineto_results  # raw events: no FunctionEvent tree (slow to build for a whole model)
+    intervals = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in kineto.events()
+                 if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_async()]
+    return busy_ns(intervals) / 1e6 / active_steps
+
+
+def busy_ns(intervals: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) intervals."""
+    total, current_start, current_end = 0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return total

@@ -85,8 +85,11 @@ class _LoRSFunction(torch.autograd.Function):
                 del g
             else:
                 # Rearranged (repo): dU = dYᵀ(X Vᵀ), dV = (dY U)ᵀ X; no d_out×d_in tensor (methods.md 5.3).
-                du = ctx.grad_scale * (dy.t() @ (x2 @ v.t())) if need_u else None
-                dv = ctx.grad_scale * ((dy @ u).t() @ x2) if need_v else None
+                du = dy.t() @ (x2 @ v.t()) if need_u else None
+                dv = (dy @ u).t() @ x2 if need_v else None
+                if ctx.grad_scale != 1.0:  # the repo's default g = 1 costs no extra kernel (steps are launch-bound)
+                    du = None if du is None else du.mul_(ctx.grad_scale)
+                    dv = None if dv is None else dv.mul_(ctx.grad_scale)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731

@@ -31,7 +31,7 @@ class LoRS(LoRSBase):
         init_samples: int = 16  # training examples for the gradient estimate (paper: 128)
         init_gamma: float = 1.0  # V = Q_rᵀ / gamma (authors' stable_gamma)
         kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
-        mask_source: str = "stored"  # stored (the artifact's bool mask on the device) | weight (M = W != 0, no buffer)
+        mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
         targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):

@@ -26,7 +26,7 @@ class LoRSExact(LoRSBase):
         init_samples: int = 16
         init_gamma: float = 1.0
         kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
-        mask_source: str = "stored"  # stored (the artifact's bool mask on the device) | weight (M = W != 0, no buffer)
+        mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
         targets: tuple[str, ...] | None = None
 
         def __post_init__(self):

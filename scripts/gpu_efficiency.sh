@@ -14,7 +14,7 @@ MODEL_8B=${MODEL_8B:-random-llama3-8b}
 MODEL_SMALL=${MODEL_SMALL:-random-tinyllama-1.1b}
 DEVICE=${DEVICE:-cuda}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-CORE="lora lors lors:mask_source=weight"
+CORE="lora lors lors:mask_source=stored"
 SEQS=${SEQS:-512 1024 2048}
 bench() { $PY -m lorsbench.bench --device "$DEVICE" --seq-lens $SEQS --out-dir "$OUT" --append --no-plot ${EXTRA:-} "$@"; }
 plot() { $PY - "$OUT" <<'EOF'

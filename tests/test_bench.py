@@ -154,3 +154,14 @@ def test_markdowns_render():
                                  "speedup": 2.0, "rel_err": 1e-5}])
     assert "2.00×" in semi
     assert json.dumps(rows[0].__dict__)
+
+
+def test_repeats_keep_the_median_run_and_the_one_kernel_time():
+    from lorsbench.bench.__main__ import _median_run
+
+    runs = [_row("lors", 512, ms, 20.0) for ms in (300.0, 200.0, 250.0)]
+    runs[0]["gpu_kernel_ms"] = 90.0  # only one run profiled
+    runs.append(_row("lors", 512, None, None, status="oom"))
+    row = _median_run(runs)
+    assert row["step_ms_median"] == 250.0 and row["step_ms_runs"] == [300.0, 200.0, 250.0]
+    assert row["gpu_kernel_ms"] == 90.0

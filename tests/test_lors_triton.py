@@ -195,13 +195,15 @@ def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     losses, grads = {}, {}
-    for kernel in ("torch", "triton", "fused"):
+    variants = {"torch": "weight", "triton": "weight", "triton_stored": "stored", "fused": "stored"}
+    for variant, mask_source in variants.items():
+        kernel = variant.removesuffix("_stored")
         torch.manual_seed(0)
         config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=300)
         model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
         masks = magnitude_masks(model, targets, 0.5, PatternConfig("2of4", 2, 4))
-        method = build_method(MethodSpec("lors", {"init": "lora", "kernel": kernel}))
+        method = build_method(MethodSpec("lors", {"init": "lora", "kernel": kernel, "mask_source": mask_source}))
         ctx = MethodContext(targets, torch.device("cuda"), torch.bfloat16, torch.Generator().manual_seed(0))
         params = method.attach(model, masks, ctx)
         with torch.no_grad():
@@ -210,11 +212,11 @@ def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
         ids = torch.randint(3, 300, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        losses[kernel] = float(loss)
-        grads[kernel] = torch.cat([p.grad.flatten() for p in params])
-    for kernel in ("triton", "fused"):
-        assert abs(losses["torch"] - losses[kernel]) < 1e-2 * abs(losses["torch"])
-        assert _rel(grads[kernel], grads["torch"]) < 2e-2
+        losses[variant] = float(loss)
+        grads[variant] = torch.cat([p.grad.flatten() for p in params])
+    for variant in ("triton", "triton_stored", "fused"):
+        assert abs(losses["torch"] - losses[variant]) < 1e-2 * abs(losses["torch"]), variant
+        assert _rel(grads[variant], grads["torch"]) < 2e-2, variant
 
 
 @interpreter

@@ -51,9 +51,12 @@ def test_dense_merge_equals_unmerged_and_is_dense():
 
 def test_only_methods_that_train_with_the_mask_keep_it_on_the_device():
     """Plain LoRA and SPP never read the mask in training: no d_out x d_in mask buffer (6.5 GiB at Llama-3-8B);
-    LoRS, SQFT and sparse full fine-tuning do keep it. remask keeps a host copy for the merge."""
+    LoRS takes it from W != 0 by default and keeps it only with mask_source=stored; SQFT and sparse full
+    fine-tuning keep it. remask keeps a host copy for the merge."""
     for name, params, keeps in [("lora", {}, False), ("lora", {"merge": "remask"}, False), ("spp", {}, False),
-                                ("lors", {"init": "lora"}, True), ("sqft", {}, True), ("full_sparse_ft", {}, True)]:
+                                ("lors", {"init": "lora"}, False), ("lors", {"init": "lora", "mask_source": "stored"}, True),
+                                ("lors_exact", {"init": "lora"}, False), ("sqft", {}, True),
+                                ("full_sparse_ft", {}, True)]:
         model = tiny_llama()
         masks = random_masks(model, "unstructured")
         build_method(MethodSpec(name=name, params=params)).attach(model, masks, context())
