@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The efficiency benchmark (results/efficiency/, issue 5) in stages that each fit one 10-minute device call:
-#   OUT=/tmp/eff bash scripts/gpu_efficiency.sh core8b        # then: others8b, unstr8b, tiny
+#   OUT=/tmp/eff bash scripts/gpu_efficiency.sh core8b        # then: others8b, unstr8b, unstr8b_others, tiny
 # (CPU smoke test: OUT=/tmp/x DEVICE=cpu MODEL_8B=tiny-llama MODEL_SMALL=tiny-llama SEQS=16 REPEATS=2 ... + EXTRA
 #  ="--dtype float32 --warmup 1 --steps 2")
 # Every stage appends to <OUT>/<model>_<pattern>.csv|md|png; copy them to results/efficiency/<gpu>/ afterwards.
@@ -28,16 +28,15 @@ EOF
 }
 for stage in "${@:-core8b}"; do
   case $stage in
-    core8b)   bench --model $MODEL_8B --pattern 2of4 --methods $CORE --repeats "$REPEATS"
-              bench --model $MODEL_8B --pattern 2of4 --methods spp lors_exact ;;
-    others8b) bench --model $MODEL_8B --pattern 2of4 --methods sqft slope full_sparse_ft ;;
+    core8b)   bench --model $MODEL_8B --pattern 2of4 --methods $CORE --repeats "$REPEATS" ;;
+    others8b) bench --model $MODEL_8B --pattern 2of4 --methods spp lors_exact sqft slope full_sparse_ft ;;
     unstr8b)  bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods $CORE \
-                    --repeats $(( REPEATS > 2 ? 2 : REPEATS ))
-              bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods spp sqft lors_exact ;;
+                    --repeats $(( REPEATS > 2 ? 2 : REPEATS )) ;;
+    unstr8b_others) bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods spp sqft lors_exact ;;
     tiny)     bench --model $MODEL_SMALL --pattern 2of4 --methods $CORE spp sqft lors_exact slope full_sparse_ft
               bench --model $MODEL_SMALL --pattern unstructured --sparsity 0.5 \
                     --methods $CORE spp sqft lors_exact full_sparse_ft ;;  # slope is 2:4 only
-    *) echo "unknown stage '$stage' (core8b | others8b | unstr8b | tiny)" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage' (core8b | others8b | unstr8b | unstr8b_others | tiny)" >&2; exit 2 ;;
   esac
 done
 plot
