@@ -43,15 +43,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON via a temporary file in the same folder and os.replace: never half-written."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text via a temporary file in the same folder and os.replace: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_json_safe(payload), handle, indent=2, sort_keys=False)
-            handle.write("\n")
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; records are shared results
@@ -59,6 +58,11 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(_json_safe(payload), indent=2, sort_keys=False) + "\n")
 
 
 class RunRecord(dict):

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The efficiency benchmark (results/efficiency/, issue 5) in stages that each fit one 10-minute device call:
-#   OUT=/tmp/eff bash scripts/gpu_efficiency.sh core8b        # then: others8b, unstr8b, unstr8b_others, tiny
+#   OUT=/tmp/eff bash scripts/gpu_efficiency.sh core8b variants8b cost8b   # then: others8b unstr8b unstr8b_others,
+#   then: tiny (about 8 + 8 + 8 minutes of an H200; an 8B cell costs 10-15 s, a slope cell 40 s, a TinyLlama cell 9 s)
 # (CPU smoke test: OUT=/tmp/x DEVICE=cpu MODEL_8B=tiny-llama MODEL_SMALL=tiny-llama SEQS=16 REPEATS=2 ... + EXTRA
 #  ="--dtype float32 --warmup 1 --steps 2")
-# Every stage appends to <OUT>/<model>_<pattern>.csv|md|png; copy them to results/efficiency/<gpu>/ afterwards.
+# Every stage appends to <OUT>/<model>_<pattern>.csv|md (and .png at the end unless PLOT=0); merge them into
+# results/efficiency/<gpu>/ afterwards (lorsbench.bench.table.read_csv / add_ratios / write_csv / markdown / plot).
 # The reference and LoRS rows run REPEATS processes per cell (interleaved; the row keeps the median one), the
 # rest one process. Nothing here needs hydra or lm-eval.
 set -u
@@ -14,7 +16,8 @@ MODEL_8B=${MODEL_8B:-random-llama3-8b}
 MODEL_SMALL=${MODEL_SMALL:-random-tinyllama-1.1b}
 DEVICE=${DEVICE:-cuda}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-CORE="lora lors lors:mask_source=stored"
+CORE="lora lors"
+VARIANTS="lors:mask_source=stored lors:kernel=torch lors:kernel=fused,mask_source=stored"
 SEQS=${SEQS:-512 1024 2048}
 bench() { $PY -m lorsbench.bench --device "$DEVICE" --seq-lens $SEQS --out-dir "$OUT" --append --no-plot ${EXTRA:-} "$@"; }
 plot() { $PY - "$OUT" <<'EOF'
@@ -29,14 +32,19 @@ EOF
 for stage in "${@:-core8b}"; do
   case $stage in
     core8b)   bench --model $MODEL_8B --pattern 2of4 --methods $CORE --repeats "$REPEATS" ;;
-    others8b) bench --model $MODEL_8B --pattern 2of4 --methods spp lors_exact sqft slope full_sparse_ft ;;
+    variants8b) bench --model $MODEL_8B --pattern 2of4 --methods $VARIANTS ;;
+    cost8b)   bench --model $MODEL_8B --pattern 2of4 --methods spp sqft ;;
+    others8b) bench --model $MODEL_8B --pattern 2of4 --methods lors_exact full_sparse_ft slope ;;
     unstr8b)  bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods $CORE \
-                    --repeats $(( REPEATS > 2 ? 2 : REPEATS )) ;;
-    unstr8b_others) bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods spp sqft lors_exact ;;
-    tiny)     bench --model $MODEL_SMALL --pattern 2of4 --methods $CORE spp sqft lors_exact slope full_sparse_ft
+                    --repeats $(( REPEATS > 2 ? 2 : REPEATS ))
+              bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --methods lors:mask_source=stored ;;
+    unstr8b_others) bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 \
+                    --methods spp sqft lors_exact full_sparse_ft ;;
+    tiny)     bench --model $MODEL_SMALL --pattern 2of4 --methods $CORE lors:mask_source=stored spp sqft lors_exact \
+                    slope full_sparse_ft
               bench --model $MODEL_SMALL --pattern unstructured --sparsity 0.5 \
-                    --methods $CORE spp sqft lors_exact full_sparse_ft ;;  # slope is 2:4 only
-    *) echo "unknown stage '$stage' (core8b | others8b | unstr8b | unstr8b_others | tiny)" >&2; exit 2 ;;
+                    --methods $CORE lors:mask_source=stored spp sqft lors_exact full_sparse_ft ;;  # slope is 2:4 only
+    *) echo "unknown stage '$stage' (core8b | variants8b | cost8b | others8b | unstr8b | unstr8b_others | tiny)" >&2; exit 2 ;;
   esac
 done
-plot
+[ "${PLOT:-1}" = 0 ] || plot

@@ -103,12 +103,13 @@ def test_ratios_markdown_and_csv_round_trip(tmp_path):
     assert table.plot(rows, tmp_path / "x.png", "t") and (tmp_path / "x.png").stat().st_size > 0
 
 
-def test_kernel_time_gets_its_own_ratio_and_headline_column():
+def test_kernel_time_gets_its_own_ratio_and_headline_column(tmp_path):
     lora, lors = _row("lora", 512, 200.0, 20.0), _row("lors", 512, 190.0, 20.0)
     lora["gpu_kernel_ms"], lors["gpu_kernel_ms"] = 80.0, 60.0
     rows = table.add_ratios([lora, lors])
     assert rows[1]["kernel_vs_ref"] == pytest.approx(0.75)
     assert "| `lors` | 20.00 (1.00×) | 190.0 (0.95×) | 60.0 (0.75×) |" in table.markdown(rows, "t")
+    assert table.plot(rows, tmp_path / "k.png", "t")  # a third panel for the kernel time
 
 
 def test_bench_cli_writes_csv_markdown_and_plot(tmp_path, capsys):
@@ -165,3 +166,19 @@ def test_repeats_keep_the_median_run_and_the_one_kernel_time():
     row = _median_run(runs)
     assert row["step_ms_median"] == 250.0 and row["step_ms_runs"] == [300.0, 200.0, 250.0]
     assert row["gpu_kernel_ms"] == 90.0
+
+
+def test_merge_lets_later_calls_win_and_recomputes_ratios(tmp_path):
+    from lorsbench.bench import merge
+
+    first, second = tmp_path / "a" / "m_2of4.csv", tmp_path / "b" / "m_2of4.csv"
+    table.write_csv([_row("lors", 512, 300.0, 20.0), _row("sqft", 512, 250.0, 30.0)], first)
+    table.write_csv([_row("lora", 512, 200.0, 20.0), _row("lors", 512, 220.0, 20.2)], second)
+    assert merge.main([str(tmp_path / "out"), str(first), str(second), "--note", "seen twice", "--no-plot"]) == 0
+    rows = table.read_csv(tmp_path / "out" / "m_2of4.csv")
+    assert [r["label"] for r in rows] == ["lora", "lors", "sqft"]  # reference first, whatever the file order
+    assert rows[1]["step_ms_median"] == 220.0 and rows[1]["time_vs_ref"] == pytest.approx(1.1)
+    assert rows[2]["mem_vs_ref"] == pytest.approx(1.5)
+    assert "- seen twice" in (tmp_path / "out" / "m_2of4.md").read_text()
+    with pytest.raises(SystemExit):
+        merge.main([str(tmp_path / "out"), str(tmp_path / "nope.csv")])

@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorsbench.bench import table
+from lorsbench.records import write_text_atomic
 
 DEFAULT_METHODS = ("lora", "spp", "sqft", "lors", "lors_exact", "slope", "full_sparse_ft")
 NOTES = (
@@ -111,7 +112,7 @@ def _write(rows: list[dict], out_dir: Path, name: str, reference: str, plot: boo
     first = rows[0]
     title = f"Training-step efficiency: {first['model']}, {first['pattern']}, batch {first['batch_size']}"
     table.write_csv(rows, out_dir / f"{name}.csv")
-    (out_dir / f"{name}.md").write_text(table.markdown(rows, title, NOTES, reference))
+    write_text_atomic(out_dir / f"{name}.md", table.markdown(rows, title, NOTES, reference))
     if plot:
         table.plot(rows, out_dir / f"{name}.png", title)
 

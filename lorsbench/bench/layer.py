@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorsbench.bench import table
+from lorsbench.records import write_text_atomic
 
 SHAPES = ((4096, 4096), (14336, 4096))
 TUNE_SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # every Llama-3-8B projection
@@ -423,14 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         tune_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune_shapes]
         rows, best = tune_rows(tune_shapes, args.tune_tokens, device, dtype, all_configs=args.tune_all)
-        (out_dir / "lors_kernel_tune.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
-        (out_dir / "lors_tiles.json").write_text(json.dumps(best, indent=1))
+        write_text_atomic(out_dir / "lors_kernel_tune.json", json.dumps({"rows": rows, "best": best}, indent=1))
+        write_text_atomic(out_dir / "lors_tiles.json", json.dumps(best, indent=1))
         report.append("## Fused LoRS kernels (`methods/_lors_triton.py`) vs cuBLAS (dense W) and the unfused "
                       "torch path (W_eff built in memory), one GEMM each\n\n" + tune_markdown(rows))
         print(report[-1], flush=True)
     if args.semi:
         rows = semi_rows(shapes, args.tokens, device, dtype)
-        (out_dir / "semi_structured.json").write_text(json.dumps(rows, indent=1))
+        write_text_atomic(out_dir / "semi_structured.json", json.dumps(rows, indent=1))
         report.append("## 2:4 semi-structured (`torch.sparse.to_sparse_semi_structured`) vs dense base GEMMs\n\n"
                       + semi_markdown(rows))
         print(report[-1], flush=True)
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(csv_rows)
         report.append(layer_markdown(rows, "## fwd+bwd of one adapted linear (bf16, 2:4, r = 16, x requires grad)"))
         print(report[-1], flush=True)
-    (out_dir / "layer.md").write_text("\n".join(report))
+    write_text_atomic(out_dir / "layer.md", "\n".join(report))
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from lorsbench.config import ConfigError, MethodSpec, ModelConfig, PatternConfig, ProfileConfig, TrainerConfig
+from lorsbench.records import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     row = run_step(spec_from_args(args, args.method, args.seq_len))
     text = json.dumps(asdict(row))
     if args.json_out is not None:
-        args.json_out.write_text(text + "\n")
+        write_text_atomic(args.json_out, text + "\n")
     print(text)
     return 0 if row.status == "ok" else 1
 

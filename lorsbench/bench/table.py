@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+from lorsbench.records import write_text_atomic
 
 COLUMNS = ("label", "method", "model", "pattern", "sparsity", "seq_len", "batch_size", "dtype", "status", "step_ms_median",
            "step_ms_p90", "time_vs_ref", "gpu_kernel_ms", "kernel_vs_ref", "peak_alloc_gib", "mem_vs_ref", "peak_reserved_gib", "static_alloc_gib",
@@ -39,12 +42,13 @@ def _ratio(value, ref) -> float | None:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    """The rows as CSV (COLUMNS), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
@@ -126,7 +130,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = 
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
-    """Peak memory and median step time against sequence length, one line per method. False without matplotlib."""
+    """Peak memory, median step time and (where measured) kernel time against sequence length, one line per
+    method. False without matplotlib."""
     try:
         import matplotlib
 
@@ -136,18 +141,21 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
         return False
     ok = [r for r in rows if r["status"] == "ok"]
     labels = list(dict.fromkeys(r["label"] for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("peak_alloc_gib", "peak max_memory_allocated (GiB)"), ("step_ms_median", "median step time (ms)")]
+    if any(r.get("gpu_kernel_ms") is not None for r in ok):
+        panels.append(("gpu_kernel_ms", "device kernel time per step (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
     for label in labels:
-        pts = sorted((r["seq_len"], r["peak_alloc_gib"], r["step_ms_median"]) for r in ok if r["label"] == label)
-        xs = [p[0] for p in pts]
-        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=label)
-        axes[1].plot(xs, [p[2] for p in pts], marker="o", label=label)
-    for ax, ylabel in zip(axes, ("peak max_memory_allocated (GiB)", "median step time (ms)")):
+        mine = sorted((r for r in ok if r["label"] == label), key=lambda r: r["seq_len"])
+        for ax, (key, _) in zip(axes, panels):
+            pts = [(r["seq_len"], r[key]) for r in mine if r.get(key) is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    for ax, (_, ylabel) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (batch 1)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
