@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -151,8 +152,10 @@ def kernel_ms_per_step(run_steps: Callable[[Callable[[], None]], object], skip_s
     from torch.profiler import ProfilerActivity, profile, schedule
 
     plan = schedule(wait=skip_steps, warmup=1, active=active_steps, repeat=1)
-    with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
-        run_steps(prof.step)
+    with warnings.catch_warnings():  # one cycle only: its note that events are cleared per cycle does not apply
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
+            run_steps(prof.step)
     kineto = prof.profiler.kineto_results  # raw events: no FunctionEvent tree (slow to build for a whole model)
     intervals = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in kineto.events()
                  if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_async()]
