@@ -140,6 +140,14 @@ def test_layer_bench_builds_each_method_module_and_times_it(method):
     assert rows[0].ms_median > 0
 
 
+def test_every_default_bench_method_is_a_valid_configuration():
+    from lorsbench.bench.__main__ import DEFAULT_METHODS
+    from lorsbench.method import build_method
+
+    for text in (*DEFAULT_METHODS, *(m for m in layer.METHODS if m != "dense")):
+        build_method(step.method_spec(text, rank=16))  # raises on an invalid combination (e.g. fused + weight mask)
+
+
 def test_layer_bench_keeps_the_base_weight_sparse_for_full_fine_tuning():
     module, params = layer.build_layer("full_sparse_ft", 64, 32, "2of4", torch.device("cpu"), torch.float32)
     assert params == [module.weight]

@@ -31,7 +31,7 @@ SHAPES = ((4096, 4096), (14336, 4096))
 TUNE_SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # every Llama-3-8B projection
 TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 TUNE_TOKENS = (512, 1024, 2048, 8192)
-METHODS = ("dense", "lora", "spp", "sqft", "lors", "lors:kernel=torch", "lors:kernel=fused", "lors_exact",
+METHODS = ("dense", "lora", "spp", "sqft", "lors", "lors:kernel=torch", "lors:kernel=fused,mask_source=stored", "lors_exact",
            "lors_exact:kernel=torch", "slope", "full_sparse_ft")
 MIB = float(1 << 20)
 
