@@ -4,8 +4,8 @@
 #   then: tiny (about 8 + 8 + 8 minutes of an H200; an 8B cell costs 10-15 s, a slope cell 40 s, a TinyLlama cell 9 s)
 # (CPU smoke test: OUT=/tmp/x DEVICE=cpu MODEL_8B=tiny-llama MODEL_SMALL=tiny-llama SEQS=16 REPEATS=2 ... + EXTRA
 #  ="--dtype float32 --warmup 1 --steps 2")
-# Every stage appends to <OUT>/<model>_<pattern>.csv|md (and .png at the end unless PLOT=0); merge them into
-# results/efficiency/<gpu>/ afterwards (lorsbench.bench.table.read_csv / add_ratios / write_csv / markdown / plot).
+# Every stage appends to <OUT>/<model>_<pattern>.csv|md (and .png at the end unless PLOT=0); merge the calls' CSVs
+# into results/efficiency/<gpu>/ afterwards: python -m lorsbench.bench.merge results/efficiency/<gpu> call*/*.csv
 # The reference and LoRS rows run REPEATS processes per cell (interleaved; the row keeps the median one), the
 # rest one process. Nothing here needs hydra or lm-eval.
 set -u
@@ -20,15 +20,7 @@ CORE="lora lors"
 VARIANTS="lors:mask_source=stored lors:kernel=torch lors:kernel=fused,mask_source=stored"
 SEQS=${SEQS:-512 1024 2048}
 bench() { $PY -m lorsbench.bench --device "$DEVICE" --seq-lens $SEQS --out-dir "$OUT" --append --no-plot ${EXTRA:-} "$@"; }
-plot() { $PY - "$OUT" <<'EOF'
-import sys
-from pathlib import Path
-from lorsbench.bench import table
-for path in Path(sys.argv[1]).glob("*.csv"):
-    rows = table.add_ratios(table.read_csv(path))
-    table.plot(rows, path.with_suffix(".png"), f"Training-step efficiency: {rows[0]['model']}, {rows[0]['pattern']}")
-EOF
-}
+plot() { $PY -m lorsbench.bench.merge "$OUT" "$OUT"/*.csv; }
 for stage in "${@:-core8b}"; do
   case $stage in
     core8b)   bench --model $MODEL_8B --pattern 2of4 --methods $CORE --repeats "$REPEATS" ;;

@@ -21,7 +21,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorsbench.bench import table
-from lorsbench.records import write_text_atomic
 
 DEFAULT_METHODS = ("lora", "spp", "sqft", "lors", "lors_exact", "slope", "full_sparse_ft")
 NOTES = (
@@ -107,16 +106,6 @@ def _median_run(runs: list[dict]) -> dict:
     return row
 
 
-def _write(rows: list[dict], out_dir: Path, name: str, reference: str, plot: bool) -> None:
-    rows = table.add_ratios(rows, reference)
-    first = rows[0]
-    title = f"Training-step efficiency: {first['model']}, {first['pattern']}, batch {first['batch_size']}"
-    table.write_csv(rows, out_dir / f"{name}.csv")
-    write_text_atomic(out_dir / f"{name}.md", table.markdown(rows, title, NOTES, reference))
-    if plot:
-        table.plot(rows, out_dir / f"{name}.png", title)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported (it reads TQDM_* at import)
     from lorsbench.bench.step import add_spec_arguments, spec_from_args
@@ -177,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not rows and args.append and (out_dir / f"{name}.csv").exists():
                     rows = table.read_csv(out_dir / f"{name}.csv")
                 rows = [r for r in rows if (r["label"], r["seq_len"]) != (row["label"], row["seq_len"])] + [row]
-                _write(rows, out_dir, name, args.reference, plot=False)
+                table.write_tables(rows, out_dir, name, NOTES, args.reference, plot_png=False)
             else:
                 rows.append(row)
     if out_dir is None:
         out_dir = Path("results/efficiency/unknown")
     if rows:
-        _write(rows, out_dir, name, args.reference, plot=not args.no_plot)
+        table.write_tables(rows, out_dir, name, NOTES, args.reference, plot_png=not args.no_plot)
         print(table.markdown(table.add_ratios(rows, args.reference), name, (), args.reference))
     print(f"[bench] wrote {out_dir}/{name}.csv|md|png in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -14,26 +14,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lorsbench.bench import table
-from lorsbench.records import write_text_atomic
-
-# Row order in the tables: the reference first, then LoRS and its variants, then the other methods.
-METHOD_ORDER = ("lora", "lors", "lors_exact", "spp", "sqft", "slope", "full_sparse_ft")
 
 
-def merge_rows(groups: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Rows of every group, later groups winning on (label, seq_len), ordered by METHOD_ORDER then first sight."""
-    merged: dict[tuple[str, int], dict[str, Any]] = {}
-    for rows in groups:
-        for row in rows:
-            merged.pop((row["label"], row["seq_len"]), None)
-            merged[(row["label"], row["seq_len"])] = row
-    first_seen = {key: i for i, key in enumerate(dict.fromkeys(label for label, _ in merged))}
-
-    def order(row: dict[str, Any]) -> tuple[int, int, int]:
-        rank = METHOD_ORDER.index(row["method"]) if row["method"] in METHOD_ORDER else len(METHOD_ORDER)
-        return rank, first_seen[row["label"]], row["seq_len"]
-
-    return sorted(merged.values(), key=order)
+def merge_rows(groups: Sequence[Sequence[dict[str, Any]]], reference: str = "lora") -> list[dict[str, Any]]:
+    """Rows of every group, later groups winning on (label, seq_len); the reference's rows first, then labels in
+    the order they were first seen, each by sequence length."""
+    rows = [row for group in groups for row in group]
+    latest = {(row["label"], row["seq_len"]): row for row in rows}
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+    labels.sort(key=lambda label: label != reference)  # stable: keeps first-sight order among the rest
+    position = {label: i for i, label in enumerate(labels)}
+    return [latest[key] for key in sorted(latest, key=lambda key: (position[key[0]], key[1]))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.csvs:
         by_stem[path.stem].append(table.read_csv(path))
     for stem, groups in by_stem.items():
-        rows = table.add_ratios(merge_rows(groups), args.reference)
-        if not rows:
-            continue
-        first = rows[0]
-        title = f"Training-step efficiency: {first['model']}, {first['pattern']}, batch {first['batch_size']}"
-        table.write_csv(rows, args.out_dir / f"{stem}.csv")
-        write_text_atomic(args.out_dir / f"{stem}.md", table.markdown(rows, title, (*NOTES, *args.note), args.reference))
-        if not args.no_plot:
-            table.plot(rows, args.out_dir / f"{stem}.png", title)
-        print(f"[merge] {args.out_dir / stem}.csv|md: {len(rows)} rows from {len(groups)} file(s)")
+        rows = merge_rows(groups, args.reference)
+        if rows:
+            table.write_tables(rows, args.out_dir, stem, (*NOTES, *args.note), args.reference, not args.no_plot)
+            print(f"[merge] {args.out_dir / stem}.csv|md: {len(rows)} rows from {len(groups)} file(s)")
     return 0
 
 

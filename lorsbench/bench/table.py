@@ -51,6 +51,18 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, name: str, notes: Sequence[str] = (),
+                 reference: str = "lora", plot_png: bool = True) -> None:
+    """`<out_dir>/<name>.csv|md` (and `.png`) from the rows, ratios vs `reference` recomputed."""
+    rows = add_ratios(rows, reference)
+    first = rows[0]
+    title = f"Training-step efficiency: {first['model']}, {first['pattern']}, batch {first['batch_size']}"
+    write_csv(rows, out_dir / f"{name}.csv")
+    write_text_atomic(out_dir / f"{name}.md", markdown(rows, title, notes, reference))
+    if plot_png:
+        plot(rows, out_dir / f"{name}.png", title)
+
+
 def read_csv(path: Path) -> list[dict[str, Any]]:
     def convert(key: str, value: str):
         if value == "":
