@@ -259,7 +259,11 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
     trainer = _build(TrainerConfig, cfg["trainer"], "trainer")
     lr_source = "config"
-    if trainer.lr_from:
+    from lorsbench.method import get_method
+
+    if trainer.lr_from and not get_method(method_name).trains:
+        lr_source = "none (the method trains no parameter)"
+    elif trainer.lr_from:
         from lorsbench.lr_choice import chosen_lr
 
         lr, lr_source = chosen_lr(trainer.lr_from, model.name, pruner_name, pattern.name, float(sparsity),
