@@ -182,7 +182,8 @@ class RunRecord(dict):
 
     def __init__(self, folder: str | Path, **fields: Any):
         super().__init__(schema_version=SCHEMA_VERSION, status="running", error=None, pid=os.getpid(),
-                         host=socket.gethostname(), heartbeat_at=now_utc(), **fields)
+                         host=socket.gethostname(), heartbeat_at=now_utc())
+        self.update(fields)
         self.folder = Path(folder)
 
     @property

@@ -19,13 +19,13 @@ from lorsbench.sweep_index import INDEX_FILE
 from tests.conftest import REPO
 
 
-def _cli(tmp_path: Path, *overrides: str) -> list[str]:
+def _cli(tmp_path: Path, *overrides: str, sweep: bool = False, method: str = "lora") -> list[str]:
     data = tmp_path / "train.jsonl"
     if not data.exists():
         data.write_text("\n".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
                                               "output": str(2 * i + 1)}) for i in range(16)))
-    return [sys.executable, "-m", "lorsbench", "model=tiny-llama", "data=local", f"data.path={data}", "eval=none",
-            "method=lora", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.warmup_steps=0",
+    return [sys.executable, "-m", "lorsbench", *(["-m"] if sweep else []), "model=tiny-llama", "data=local",
+            f"data.path={data}", "eval=none", f"method={method}", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.warmup_steps=0",
             "device=cpu", "dtype=float32", f"paths.cache_dir={tmp_path / 'cache'}",
             f"paths.output_root={tmp_path / 'out'}", *overrides]
 
@@ -79,8 +79,8 @@ def test_killed_run_is_reported_stale(tmp_path):
 
 def test_resume_skips_succeeded_jobs_and_reruns_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "method=none,lora", "trainer.max_steps=1", f"hydra.sweep.dir={sweep}"]
-    first = subprocess.run(_cli(tmp_path, *args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    args = ["trainer.max_steps=1", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.run(_cli(tmp_path, *args, sweep=True, method="none,lora"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob(f"*/{RECORD_FILE}"))
     assert len(jobs) == 2
@@ -91,7 +91,7 @@ def test_resume_skips_succeeded_jobs_and_reruns_the_rest(tmp_path):
     rerun.update(error="interrupted by SIGTERM in phase fine_tune", phase_failed="fine_tune")
     (jobs[1] / RECORD_FILE).write_text(json.dumps(rerun))
 
-    second = subprocess.run(_cli(tmp_path, *args, "resume=true"), cwd=REPO, env=_env(), capture_output=True,
+    second = subprocess.run(_cli(tmp_path, *args, "resume=true", sweep=True, method="none,lora"), cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert kept.read_bytes() == kept_bytes  # the success record is untouched

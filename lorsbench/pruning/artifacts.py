@@ -187,7 +187,7 @@ def _load_entry(entry: Path, model: nn.Module, linears: dict[str, nn.Module], fi
     if meta.get("key") != key or meta.get("key_fields") != json.loads(json.dumps(fields)):
         raise ArtifactError("key fields differ from this run's pruning settings")
     if others_checksum(model, linears) != meta.get("others_sha256"):
-        raise ArtifactError("the model's non-target tensors (embeddings, norms, head) differ from those pruned")
+        raise ArtifactError("the model's non-target tensors (embeddings, norms, head) differ from those pruned (different base model?)")
     try:
         masks = MaskSet.load(entry / MASKS_FILE)
     except Exception as exc:  # safetensors raises several types for missing or malformed files
