@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -27,13 +26,13 @@ class RunFailed(RuntimeError):
 
 
 def _config_failure(output_dir: Path, cfg: DictConfig, exc: Exception) -> None:
-    from lorsbench.records import RunRecord
+    from lorsbench.records import RunRecord, now_utc
 
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - the resolved config itself may be what is broken
         resolved = OmegaConf.to_container(cfg, resolve=False)
-    record = RunRecord(output_dir, started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record = RunRecord(output_dir, started_at=now_utc(),
                        resolved_config=resolved, output_dir=str(output_dir))
     record.update(status="failed", error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
                   phase_failed="config")
@@ -69,9 +68,10 @@ def _output_root_problem(argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith(("paths.output_root=", "++paths.output_root=", "+paths.output_root=")):
             root = arg.split("=", 1)[1]
-    path = Path(os.path.expanduser(root))
-    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    from lorsbench.config import not_a_folder
+
+    blocker = not_a_folder(Path(os.path.expanduser(root)))
+    if blocker is not None:
         return (f"paths.output_root={root}: {blocker} exists and is not a directory; point paths.output_root "
                 "(or LORSBENCH_OUTPUT) at a folder")
     return None

@@ -293,8 +293,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
     for key in ("output_root", "cache_dir"):
         folder = getattr(paths, key)
-        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
+        blocker = not_a_folder(folder)
+        if blocker is not None:
             raise ConfigError(f"paths.{key}={folder}: {blocker} exists and is not a directory; point paths.{key} "
                               "(or LORSBENCH_OUTPUT / LORSBENCH_CACHE) at a folder")
     seed = cfg.get("seed", 0)
@@ -337,6 +337,12 @@ def _check_eval(evaluation: EvalConfig) -> None:
         if ppl.stride > ppl.window:
             raise ConfigError(f"eval.perplexity.stride ({ppl.stride}) must be <= eval.perplexity.window "
                               f"({ppl.window}): a larger stride would leave tokens unscored")
+
+
+def not_a_folder(path: Path) -> Path | None:
+    """The first existing path of `path` and its parents when that is not a directory (so no folder can be made)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    return blocker if blocker is not None and not blocker.is_dir() else None
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:

@@ -129,7 +129,7 @@ def check_pattern(name: str, pattern: PatternConfig) -> None:
     required = get_method(name).required_pattern
     if required is not None and (pattern.n, pattern.m) != tuple(required):
         n, m = required
-        raise ConfigError(f"method={name} needs an {n}:{m} base (pattern={n}of{m} sparsity={1 - n / m:g}); "
+        raise ConfigError(f"method={name} needs a {n}:{m} base (pattern={n}of{m} sparsity={1 - n / m:g}); "
                           f"got pattern={pattern.name}")
 
 

@@ -269,6 +269,12 @@ def validate_record(record: Any) -> list[str]:
     return problems
 
 
+def unknown_fields(record: dict[str, Any]) -> list[str]:
+    """Fields of `record` that the schema does not define (a test keeps the pipeline's records free of them)."""
+    patterns = [*PER_PHASE_FIELDS, *PER_STAGE_FIELDS]
+    return sorted(k for k in record if k not in _FIELD_TYPES and not any(re.fullmatch(p, k) for p in patterns))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

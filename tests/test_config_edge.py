@@ -61,7 +61,7 @@ def test_every_method_default_passes_its_checks(compose):
 
 def test_method_pattern_compatibility_before_load(compose):
     cfg = build_run_config(compose(["method=slope", "pattern=unstructured"]))
-    with pytest.raises(ConfigError, match=r"method=slope needs an 2:4 base \(pattern=2of4 sparsity=0.5\); "
+    with pytest.raises(ConfigError, match=r"method=slope needs a 2:4 base \(pattern=2of4 sparsity=0.5\); "
                                           r"got pattern=unstructured"):
         check_run_config(cfg)
 
@@ -117,3 +117,23 @@ def test_output_root_that_is_a_file(compose, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "exists and is not a directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def _tiny_run(compose, tmp_path, *extra):
+    from lorsbench.pipeline import run_pipeline
+
+    cfg = build_run_config(compose(["model=tiny-llama", "eval=none", "device=cpu", "dtype=float32",
+                                    f"paths.cache_dir={tmp_path / 'cache'}", *extra]))
+    return run_pipeline(cfg, tmp_path / "run")
+
+
+def test_pipeline_refuses_a_missing_target_at_load(compose, tmp_path):
+    record = _tiny_run(compose, tmp_path, "targets=[q_proj,foo_proj]")
+    assert record["status"] == "failed" and record["phase_failed"] == "load"
+    assert "['foo_proj']" in record["error"] and "down_proj, gate_proj" in record["error"]
+
+
+def test_pipeline_refuses_slope_unstructured_before_load(compose, tmp_path):
+    record = _tiny_run(compose, tmp_path, "method=slope", "pattern=unstructured")
+    assert record["status"] == "failed" and record["phase_failed"] == "setup" and "needs a 2:4 base" in record["error"]
+    assert "model_path" not in record  # nothing was loaded
