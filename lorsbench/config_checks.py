@@ -1,16 +1,19 @@
 """Checks of a RunConfig that need a registry or the loaded model (the value checks are in `lorsbench.config`).
 
-`check_run_config` runs before any model is loaded: method and pruner names, their options, method x pattern.
+`check_run_config` runs before any model is loaded: method and pruner names, their options, method x pattern;
+`resolve_lr` then applies `trainer.lr_from` (a chosen-lr file, `lorsbench.lr_choice`: it needs the method registry).
 `check_model_fits` runs right after the load: every target name exists in the model, and every sequence length
 fits the model's positions.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from lorsbench.config import RunConfig
 from lorsbench.errors import ConfigError, unknown_name_error
-from lorsbench.method import build_method, check_pattern, list_methods
+from lorsbench.method import build_method, check_pattern, get_method, list_methods
 from lorsbench.modules import target_linears
 from lorsbench.pruning import build_pruner, list_pruners
 
@@ -25,6 +28,19 @@ def check_run_config(cfg: RunConfig) -> None:
     build_method(cfg.method)  # unknown or out-of-range method options
     if cfg.pruning.sparsity > 0:
         check_pattern(cfg.method.name, cfg.pruning.pattern)
+
+
+def resolve_lr(cfg: RunConfig) -> RunConfig:
+    """`cfg` with trainer.lr taken from `trainer.lr_from` (and `lr_source` saying so); unchanged without one."""
+    if not cfg.trainer.lr_from or cfg.lr_source != "config":
+        return cfg
+    if not get_method(cfg.method.name).trains:
+        return replace(cfg, lr_source="none (the method trains no parameter)")
+    from lorsbench.lr_choice import chosen_lr
+
+    lr, lr_source = chosen_lr(cfg.trainer.lr_from, cfg.model.name, cfg.pruning.name, cfg.pruning.pattern.name,
+                              cfg.pruning.sparsity, cfg.method.name)
+    return replace(cfg, trainer=replace(cfg.trainer, lr=lr), lr_source=lr_source)
 
 
 def linear_names(model: nn.Module) -> list[str]:

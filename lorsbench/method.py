@@ -50,6 +50,7 @@ class MethodContext:
 class Method(ABC):
     name: ClassVar[str]
     preserves_sparsity: ClassVar[bool]
+    trains: ClassVar[bool] = True  # False: attach returns no parameters, so no lr applies (an lr sweep skips it)
     Config: ClassVar[type]
     # The N:M pattern (n, m) the method's base must have, e.g. (2, 4) for SLoPe; None: any pattern.
     required_pattern: ClassVar[tuple[int, int] | None] = None

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lorsbench.config import PatternConfig, RunConfig
-from lorsbench.config_checks import check_model_fits, check_run_config
+from lorsbench.config_checks import check_model_fits, check_run_config, resolve_lr
 from lorsbench.method import Method, MethodContext, build_method
 from lorsbench.profiling import PhaseMeter
 from lorsbench.pruning.masks import MaskSet, measure_sparsity
-from lorsbench.records import RunRecord, failure_status, now_utc, write_text_atomic
+from lorsbench.records import RunRecord, failure_status, now_utc, write_json_atomic, write_text_atomic
 from lorsbench.runtime import provenance, resolve_device, seed_everything, torch_dtype
 from lorsbench.training import causal_lm_loss, train
 
@@ -32,6 +32,7 @@ log = logging.getLogger("lorsbench")
 TRAIN_LOG = "train_log.jsonl"
 ERROR_LOG = "error.log"
 MERGED_DIR = "merged"
+PPL_WINDOWS = "perplexity_windows.json"
 HEARTBEAT_S = 30.0  # at most one run.json rewrite per this many seconds from the training loop
 
 
@@ -67,7 +68,8 @@ def _factors(cfg: RunConfig) -> dict:
         "pruner": cfg.pruning.name, "pattern": cfg.pruning.pattern.name, "target_sparsity": cfg.pruning.sparsity,
         "method": cfg.method.name, "seed": cfg.seed, "dtype": cfg.dtype, "data": cfg.data.name,
         "seq_len": cfg.trainer.seq_len, "micro_batch_size": cfg.trainer.micro_batch_size,
-        "grad_accum": cfg.trainer.grad_accum, "lr": cfg.trainer.lr, "max_steps": cfg.trainer.max_steps,
+        "grad_accum": cfg.trainer.grad_accum, "lr": cfg.trainer.lr, "lr_source": cfg.lr_source,
+        "max_steps": cfg.trainer.max_steps,
         "eval_suite": cfg.eval.suite, "eval_limit": cfg.eval.limit, "resolved_config": cfg.resolved,
     }
 
@@ -91,6 +93,7 @@ class Run:
     model_digest: str | None = None  # load: content digest (the pruning cache key)
     train_data: Any = None  # prepare_data
     train_batches: Callable[[], Iterator[dict]] | None = None  # prepare_data: a fresh batch iterator
+    heldout_data: Any = None  # prepare_data: tokenized held-out examples (None without any)
     masks: MaskSet | None = None  # prune
     params: list[torch.nn.Parameter] = field(default_factory=list)  # attach
 
@@ -113,11 +116,12 @@ class Run:
 
 
 def setup(run: Run) -> None:
-    cfg = run.cfg
+    check_run_config(run.cfg)  # registry names and options, method x pattern: before anything is loaded
+    run.cfg = cfg = resolve_lr(run.cfg)
+    run.record.update(lr=cfg.trainer.lr, lr_source=cfg.lr_source)
     run.device = resolve_device(cfg.device)
     run.dtype = torch_dtype(cfg.dtype, run.device)
     run.generator = seed_everything(cfg.seed)
-    check_run_config(cfg)  # registry names and options, method x pattern: before anything is loaded
     run.method = build_method(cfg.method)
     run.record.update(provenance(run.device))
     run.record.update(method_config=run.method.describe(), preserves_sparsity=run.method.preserves_sparsity,
@@ -131,7 +135,7 @@ def prepare_evaluation(run: Run) -> None:
     from lorsbench.evaluation import prepare_eval
 
     cfg = run.cfg
-    if cfg.data.source == "bigbench" and cfg.eval.suite == "offline":
+    if cfg.data.source == "bigbench" and cfg.eval.suite == "bigbench":
         check_disjoint(cfg.data.tasks, cfg.eval.tasks)
     run.prepared_eval = prepare_eval(cfg.eval, cfg.paths.cache_dir)
 
@@ -149,13 +153,16 @@ def load(run: Run) -> None:
 
 
 def prepare_data(run: Run) -> None:
-    from lorsbench.data.instructions import batch_iterator, load_examples, tokenize_examples
+    from lorsbench.data.instructions import batch_iterator, load_examples, split_heldout, tokenize_examples
 
     cfg = run.cfg
     examples = load_examples(cfg.data, cfg.paths.cache_dir, cfg.seed)
+    examples, heldout = split_heldout(examples, cfg.data.heldout_examples)
     run.train_data = tokenize_examples(examples, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
+    run.heldout_data = (tokenize_examples(heldout, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
+                        if heldout else None)
     run.train_batches = lambda: batch_iterator(run.train_data, cfg.trainer.micro_batch_size, cfg.seed)
-    run.record.update(train_examples=len(examples))
+    run.record.update(train_examples=len(examples), heldout_examples=len(heldout))
 
 
 def prune(run: Run) -> None:
@@ -209,6 +216,15 @@ def merge(run: Run) -> None:
         run.record.update(merged_dir=MERGED_DIR, merged_reload_verified=True)
 
 
+def validate(run: Run) -> None:
+    """Held-out instruction loss of the merged model: the lr sweep's signal (lorsbench.lr_choice)."""
+    from lorsbench.evaluation.heldout import heldout_loss
+
+    if run.heldout_data is not None:
+        run.record.update(val_loss=heldout_loss(run.model, run.heldout_data, run.cfg.trainer.micro_batch_size,
+                                                run.device))
+
+
 def evaluate(run: Run) -> None:
     from lorsbench.evaluation import evaluate_tasks, perplexity
 
@@ -220,16 +236,18 @@ def evaluate(run: Run) -> None:
     with run.measured("eval") as meter:
         if cfg.eval.perplexity:
             ppl = perplexity(run.model, run.tokenizer, cfg.eval.perplexity, run.device)
+            write_json_atomic(run.output_dir / PPL_WINDOWS, ppl.windows_json())
             run.record.update(perplexity=ppl.perplexity, perplexity_tokens=ppl.tokens, perplexity_window=ppl.window,
                               perplexity_stride=ppl.stride, perplexity_source=ppl.source,
-                              perplexity_text_sha256=ppl.text_sha256)
+                              perplexity_text_sha256=ppl.text_sha256, perplexity_windows_file=PPL_WINDOWS)
             run.record.save()
         scores = evaluate_tasks(run.model, run.tokenizer, run.prepared_eval, cfg.eval, run.device, run.output_dir)
     run.record.update(meter.stats.as_dict(), accuracy_reported=bool(scores.tasks), tasks=scores.tasks,
-                      mean_acc=scores.mean_acc, lm_eval_json=scores.raw_json)
+                      mean_acc=scores.mean_acc, lm_eval_json=scores.raw_json, samples_file=scores.samples_file,
+                      eval_data_source=run.prepared_eval.data_source if scores.tasks else None)
 
 
-PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, merge, evaluate)
+PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, merge, validate, evaluate)
 
 
 def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:

