@@ -106,10 +106,10 @@ def _load_bundled(config: ModelConfig, dtype: torch.dtype, device: torch.device,
             "Use source=hf with model.path=<HF id or folder> for other models."
         )
     folder = bundled_folder(config.name, cache_dir)
+    _clean_dead_tmp(folder)  # only folders of dead processes: safe without the lock
     problem = _bundled_problem(folder, spec)  # verifies every weight file's sha256 (README "Caches")
     if problem is not None:
         with _file_lock(folder.parent / f".{folder.name}.lock"):  # concurrent first runs: one converts
-            _clean_dead_tmp(folder)
             problem = _bundled_problem(folder, spec)  # another process may have converted it meanwhile
             if problem is not None:
                 if folder.exists():
@@ -172,16 +172,18 @@ def _tmp_name(folder: Path) -> str:
 
 def _clean_dead_tmp(folder: Path) -> None:
     """Remove `.<name>.tmp-<host>-<pid>` conversion folders left by dead processes of this host (SIGKILL, OOM);
-    the older `.<name>.tmp-<pid>` form too. Called under the conversion lock, so no live converter is touched."""
+    the older `.<name>.tmp-<pid>` form too. A live process's folder is never touched."""
     host = socket.gethostname()
     for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
         tail = tmp.name.removeprefix(f".{folder.name}.tmp-")
         owner, _, pid = tail.rpartition("-")
         if not pid.isdigit() or (owner and owner != host):
             continue
+        if not owner and time.time() - tmp.stat().st_mtime < 3600:
+            continue  # the older form names no host: its pid may be another machine's (shared cache)
         try:
             os.kill(int(pid), 0)
-            continue  # alive (a converter without the lock: an older lorsbench)
+            continue  # alive: still converting
         except ProcessLookupError:
             pass
         except PermissionError:

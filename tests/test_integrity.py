@@ -116,6 +116,7 @@ def test_dead_converters_leftovers_are_removed(tmp_path, fake_bundled):
         other_host = root / f".tiny-bundled.tmp-elsewhere-{dead.pid}"  # its pid means nothing here: kept
         for folder in (leftover, legacy, running, other_host):
             (folder / "_gguf").mkdir(parents=True)
+        os.utime(legacy, (time.time() - 7200, time.time() - 7200))  # hostless: removed only when old
         _load(config, tmp_path)
         assert not leftover.exists() and not legacy.exists() and running.exists() and other_host.exists()
     finally:

@@ -25,7 +25,8 @@ def _cli(tmp_path: Path, *overrides: str, sweep: bool = False, method: str = "lo
         data.write_text("\n".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
                                               "output": str(2 * i + 1)}) for i in range(16)))
     return [sys.executable, "-m", "lorsbench", *(["-m"] if sweep else []), "model=tiny-llama", "data=local",
-            f"data.path={data}", "eval=none", f"method={method}", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.warmup_steps=0",
+            f"data.path={data}", "data.heldout_examples=4", "eval=none", f"method={method}", "trainer.seq_len=32",
+            "trainer.micro_batch_size=2", "trainer.warmup_steps=0",
             "device=cpu", "dtype=float32", f"paths.cache_dir={tmp_path / 'cache'}",
             f"paths.output_root={tmp_path / 'out'}", *overrides]
 

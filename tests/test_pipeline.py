@@ -62,7 +62,7 @@ def tiny_assets(tmp_path_factory):
 def _overrides(assets, tmp_path, *extra):
     return [
         "model=hf", f"model.path={assets['model']}", "dtype=float32", "device=cpu",
-        "data=local", f"data.path={assets['data']}",
+        "data=local", f"data.path={assets['data']}", "data.heldout_examples=4",
         "eval=local", f"eval.include_path={assets['tasks']}", "eval.tasks=[tiny_mc]", "eval.batch_size=4",
         "eval.perplexity.max_tokens=600", "eval.perplexity.window=128", "eval.perplexity.stride=128",
         "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.seq_len=32", "trainer.warmup_steps=1",
