@@ -5,6 +5,7 @@ Exit status: 0 success (or skipped by `resume=true`), 1 failed run, 2 unusable o
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -49,8 +50,6 @@ def _resume_check(output_dir: Path, resolved: dict) -> str | None:
     from lorsbench.records import RECORD_FILE, validate_record
 
     try:
-        import json
-
         record = json.loads((output_dir / RECORD_FILE).read_text())
     except (OSError, ValueError):
         return None

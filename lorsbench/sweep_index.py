@@ -126,6 +126,7 @@ class SweepIndexCallback(Callback):
         status = getattr(job_return, "status", None)
         write_index(hydra_cfg.hydra.sweep.dir, job_dir=hydra_cfg.hydra.runtime.output_dir,
                     hydra_status=getattr(status, "name", None),
+                    # the private field: JobReturn.return_value re-raises a failed job's exception
                     skipped=getattr(job_return, "_return_value", None) == SKIPPED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

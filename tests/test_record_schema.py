@@ -100,3 +100,13 @@ def test_report_lists_invalid_records_with_the_reason(tmp_path):
         assert runs.loc[f"runs/{name}", "method"] is None or runs.isna().loc[f"runs/{name}", "method"]
     md = (write_report([tmp_path / "runs"], "invalid", tmp_path / "out") / "report.md").read_text()
     assert md.count("**invalid record**") == 4 and "unknown schema_version 99" in md
+
+
+def test_heartbeat_callback_is_throttled(tmp_path):
+    record = RunRecord(tmp_path, run_name="r")
+    never = record.heartbeat(min_interval_s=3600.0)
+    never()
+    assert not record.path.exists()  # within the interval: no write
+    always = record.heartbeat(min_interval_s=0.0)
+    always()
+    assert json.loads(record.path.read_text())["heartbeat_at"] == record["heartbeat_at"]
