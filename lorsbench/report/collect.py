@@ -1,9 +1,12 @@
 """Run records -> pandas: `runs` (wide, one row per run) and `long` (tidy, one row per run x metric x task).
 
-Reads every `run.json` under the given folders (schema: the `lorsbench.records` docstring) and tolerates missing
-optional fields: a record of a run that failed in its first phase has little more than its status and error. A
-Hydra job folder (`.hydra/`) without a `run.json` is kept as status `no_record` (the job died before writing one),
-so a failure is never silently dropped. Seeds are not aggregated here (that is `tables.py`).
+Reads every `run.json` under the given folders and validates it against the schema (`lorsbench.records`
+`RecordFields`, `validate_record`): a record that is not JSON, of an unknown `schema_version`, or lacking the
+fields its status needs is kept as status `invalid` with the reason, never guessed from and never fatal. Valid
+records may lack optional fields (a run that failed in its first phase has little more than its status and
+error). A `running` record whose process is gone (`records.liveness`) is status `stale` (killed?). A Hydra job
+folder (`.hydra/`) without a `run.json` is kept as status `no_record` (the job died before writing one), so a
+failure is never silently dropped. Seeds are not aggregated here (that is `tables.py`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from lorsbench.records import RECORD_FILE
+from lorsbench.records import RECORD_FILE, liveness, validate_record
 
 PHASES = ("load", "prune", "train", "eval")
 STAGES = ("after_prune", "after_train", "after_merge")
@@ -89,15 +92,23 @@ def _find(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], list[tu
 
 
 def _read(file: Path) -> dict[str, Any]:
+    """The record in `file`, or an `invalid` record saying why it cannot be used; a dead `running` one is `stale`."""
     try:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ReportError(f"malformed JSON in {file}: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        reason = f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"cannot read {file}: {exc}") from None
-    if not isinstance(record, dict) or "status" not in record:
-        raise ReportError(f"{file} is not a lorsbench run record (a JSON object with a 'status')")
-    return record
+        reason = f"cannot read: {exc}"
+    else:
+        problems = validate_record(record)
+        if not problems:
+            stale = liveness(record)
+            if stale is not None:
+                return {**record, "status": "stale", "error": f"stale (killed?): {stale}; status was running",
+                        "phase_failed": record.get("phase_failed")}
+            return record
+        reason = "not a valid run record: " + "; ".join(problems)
+    return {"status": "invalid", "run_name": file.parent.name, "error": f"{file}: {reason}"}
 
 
 def _orphan_record(job: Path) -> dict[str, Any]:
@@ -288,7 +299,8 @@ def collect(paths: Iterable[str | Path]) -> Collected:
         raise ReportError(f"no {RECORD_FILE} found under {', '.join(paths)}{extra}")
     rows, tasks_by_run = [], {}
     for base, file in found:
-        record = _from_config(_read(file))
+        record = _read(file)
+        record = _from_config(record) if record["status"] != "invalid" else record
         run_dir = os.path.relpath(file.parent, base)
         rows.append(_flatten(record, run_dir))
         tasks_by_run[run_dir] = record.get("tasks") if isinstance(record.get("tasks"), dict) else {}

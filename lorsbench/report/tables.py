@@ -17,7 +17,8 @@ MEMORY_COLUMNS = {"peak_alloc_gib_train": "peak alloc GiB (train)",
 COST_COLUMNS = {"trainable_params": "trainable params", **MEMORY_COLUMNS, "step_ms_median": "step ms (median)",
                 "step_ms_p90": "step ms (p90)", "tokens_per_s": "tokens/s"}
 STATUS_TEXT = {"failed": "**FAILED**", "oom": "**OOM**", "running": "**incomplete** (status running)",
-               "no_record": "**no record**"}
+               "no_record": "**no record**", "interrupted": "**interrupted**", "stale": "**stale (killed?)**",
+               "invalid": "**invalid record**"}
 
 
 def fmt_stats(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
