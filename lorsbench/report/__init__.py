@@ -1,8 +1,9 @@
 """Comparison reports: run records -> `runs.csv`, `metrics_long.csv`, `report.md`, `report.html` and PNG plots.
 
-    python -m lorsbench.report results/raw/sweeps/<stamp> [more folders...] --name main_table
+    python -m lorsbench.report results/raw/sweeps/<stamp> [more folders...] --name main_table [--reference lora,none]
 
-Needs pandas and matplotlib only (no torch): it runs wherever the run folders are copied to.
+Needs pandas, matplotlib and scipy only (no torch): it runs wherever the run folders are copied to. Paired
+comparisons on the runs' per-example files: `paired.py`.
 """
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from lorsbench.records import write_text_atomic
+from lorsbench.report import paired as paired_stats
 from lorsbench.report import tables
 from lorsbench.report.collect import Collected, ReportError, collect
 from lorsbench.report.document import Document, Figure, Section, to_markdown
 from lorsbench.report.html import to_html
+from lorsbench.report.paired import StatsOptions
 from lorsbench.report.plots import PLOTS, to_png
 
-__all__ = ["Collected", "ReportError", "build_document", "collect", "write_report"]
+__all__ = ["Collected", "ReportError", "StatsOptions", "build_document", "collect", "write_report"]
 
 OUTPUT_FILES = ("runs.csv", "metrics_long.csv", "report.md", "report.html")
 
@@ -45,7 +49,8 @@ def _summary(data: Collected) -> list:
     return text + [tables.overview_table(runs)]
 
 
-def build_document(data: Collected, name: str) -> Document:
+def build_document(data: Collected, name: str, stats: StatsOptions | None = None) -> Document:
+    paired = paired_stats.compare(data, stats or StatsOptions())
     figures = []
     for stem, (draw, caption) in PLOTS.items():
         fig = draw(data.long)
@@ -54,7 +59,8 @@ def build_document(data: Collected, name: str) -> Document:
     return Document(f"lorsbench report: {name}", [
         Section("Summary", _summary(data)),
         Section("Failed and incomplete runs", tables.failure_table(data.runs)),
-        Section("Accuracy", tables.accuracy_tables(data.runs)),
+        Section("Accuracy", tables.accuracy_tables(data.runs, paired_stats.marks(paired)) + paired_stats.legend(paired)),
+        Section("Paired comparisons", paired_stats.section(paired)),
         Section("Cost", tables.cost_tables(data.runs)),
         Section("Sparsity", tables.sparsity_tables(data.runs)),
         Section("Plots", figures or ["Nothing to plot (no successful run with the needed metrics)."]),
@@ -62,12 +68,16 @@ def build_document(data: Collected, name: str) -> Document:
     ])
 
 
-def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "results/reports") -> Path:
+def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "results/reports",
+                 stats: StatsOptions | None = None) -> Path:
     """Collect the runs under `paths` and write the report files into `out/name/`; returns that folder."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ReportError(f"--name must be a plain folder name (letters, digits, . _ -), got {name!r}")
+    stats = stats or StatsOptions()
+    if stats.resamples < 100:
+        raise ReportError(f"--resamples must be at least 100, got {stats.resamples}")
     data = collect(paths)
-    doc = build_document(data, name)
+    doc = build_document(data, name, stats)
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     for stem in PLOTS:
@@ -78,6 +88,6 @@ def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "resu
         for item in section.items:
             if isinstance(item, Figure):
                 (folder / item.file).write_bytes(item.png)
-    (folder / "report.md").write_text(to_markdown(doc))
-    (folder / "report.html").write_text(to_html(doc))
+    write_text_atomic(folder / "report.md", to_markdown(doc))
+    write_text_atomic(folder / "report.html", to_html(doc))
     return folder

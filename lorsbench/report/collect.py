@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -57,6 +57,7 @@ class Collected:
     runs: pd.DataFrame
     long: pd.DataFrame
     inputs: tuple[str, ...]
+    folders: dict[str, Path] = field(default_factory=dict)  # run_dir -> the run folder (per-example files)
 
 
 def is_missing(value: Any) -> bool:
@@ -286,13 +287,14 @@ def collect(paths: Iterable[str | Path]) -> Collected:
     if not found:
         extra = f" ({len(orphans)} Hydra job folders without one: jobs that died early)" if orphans else ""
         raise ReportError(f"no {RECORD_FILE} found under {', '.join(paths)}{extra}")
-    rows, tasks_by_run = [], {}
+    rows, tasks_by_run, folders = [], {}, {}
     for base, file in found:
         record = _from_config(_read(file))
         run_dir = os.path.relpath(file.parent, base)
         rows.append(_flatten(record, run_dir))
         tasks_by_run[run_dir] = record.get("tasks") if isinstance(record.get("tasks"), dict) else {}
+        folders[run_dir] = file.parent
     for base, job in orphans:
         rows.append(_flatten(_from_config(_orphan_record(job)), os.path.relpath(job, base)))
     runs = runs_frame(rows)
-    return Collected(runs=runs, long=long_frame(runs, tasks_by_run), inputs=tuple(paths))
+    return Collected(runs=runs, long=long_frame(runs, tasks_by_run), inputs=tuple(paths), folders=folders)

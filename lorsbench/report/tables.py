@@ -66,9 +66,10 @@ def _blocks(rows: pd.DataFrame, keys: tuple[str, ...] = ("block",)) -> list[tupl
     return out
 
 
-def accuracy_tables(runs: pd.DataFrame) -> list[str | Table]:
+def accuracy_tables(runs: pd.DataFrame, marks: dict[tuple[str, str, str], str] | None = None) -> list[str | Table]:
     """Rows = method (dense and pruned-only first), columns = tasks + mean acc + perplexity, one table per
-    pruner · pattern · sparsity block; the dense runs of the same model/suite/regime head every block."""
+    pruner · pattern · sparsity block; the dense runs of the same model/suite/regime head every block.
+    `marks` (block, label, column) -> symbols appended to a cell (the paired comparisons that survive BH)."""
     acc = runs[runs["has_accuracy"] == True]  # noqa: E712 - a column of bools / NaN
     if acc.empty:
         return ["No run with accuracy (successful, pretrained weights, tasks evaluated)."]
@@ -79,11 +80,12 @@ def accuracy_tables(runs: pd.DataFrame) -> list[str | Table]:
         head = group.iloc[0]
         ref = dense[[all(_same(r[k], head[k]) for k in ("model", "eval_suite", "regime", "weights"))
                      for _, r in dense.iterrows()]] if not pruned.empty else dense.iloc[0:0]
-        items += [f"**{title}**", _accuracy_table(pd.concat([ref, group]))]
+        block_marks = {(lab, col): m for (b, lab, col), m in (marks or {}).items() if b == title}
+        items += [f"**{title}**", _accuracy_table(pd.concat([ref, group]), block_marks)]
     return items
 
 
-def _accuracy_table(rows: pd.DataFrame) -> Table:
+def _accuracy_table(rows: pd.DataFrame, marks: dict[tuple[str, str], str]) -> Table:
     tasks = sorted(c for c in rows.columns if c.startswith("acc.") and rows[c].notna().any())
     metrics = [(c, c.removeprefix("acc."), 100.0, max) for c in tasks] + [("mean_acc", "mean", 100.0, max)]
     if "perplexity" in rows and rows["perplexity"].notna().any():
@@ -103,7 +105,8 @@ def _accuracy_table(rows: pd.DataFrame) -> Table:
         cells = [label, str(len(sub))]
         for column, _, scale, _ in metrics:
             text = fmt_stats(sub[column], scale)
-            cells.append(f"**{text}**" if best.get(column) == label else text)
+            text = f"**{text}**" if best.get(column) == label else text
+            cells.append(text + marks.get((label, column), ""))
         table_rows.append(cells)
     return Table(["method", "n"] + [name for _, name, _, _ in metrics], table_rows)
 
