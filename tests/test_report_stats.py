@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -171,7 +172,8 @@ TOKENS = [128] * 20
 
 
 def _write_run(root: Path, name: str, method: str, seed: int, correct: dict[str, np.ndarray], *,
-               pruner: str = "wanda", samples: bool = True, log_ppl: float = 3.0, doc_ids=None) -> None:
+               pruner: str = "wanda", samples: bool = True, log_ppl: float = 3.0, doc_ids=None,
+               text_sha256: str = "ab" * 32) -> None:
     folder = root / name
     folder.mkdir(parents=True)
     record = {"schema_version": 1, "status": "success", "run_name": name, "model": "m", "weights": "pretrained",
@@ -192,7 +194,7 @@ def _write_run(root: Path, name: str, method: str, seed: int, correct: dict[str,
             handle.write("\n".join(lines) + "\n")
         nll = [t * (log_ppl + 0.01 * ((i * 7 + seed) % 5 - 2)) for i, t in enumerate(TOKENS)]
         (folder / "perplexity_windows.json").write_text(json.dumps({"nll_sum": nll, "tokens": TOKENS,
-                                                                    "text_sha256": "ab" * 32}))
+                                                                    "text_sha256": text_sha256}))
     (folder / "run.json").write_text(json.dumps(record))
 
 
@@ -241,9 +243,10 @@ def test_report_paired_section_and_marks(sweep, tmp_path):
     cells = [c.strip() for c in lors.strip("|").split("|")]
     assert cells[4].startswith("**+9.50 (") and cells[6].startswith("**+9.50 [")  # (100-20 + 90-18) / 2 / 800
     assert cells[9].endswith("(1 of 2 tasks)") and "(×" in cells[10]
+    assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d\)", cells[11])  # MDE, and with seed variance (two seeds)
     # lora vs pruned only: as many gains as losses on every task -> McNemar p = 1, nothing marked.
     lora = _row(section, "| lora | pruned only | 1/1 | 1600 |")
-    assert "+0.00 (1.000)" in lora and "**" not in lora
+    assert "+0.00 (1.000)" in lora and "**" not in lora and re.fullmatch(r"\d+\.\d\d", lora.split("|")[-2].strip())
     assert _row(section, "| lors | lora | 2/1 | 1600 |").count("**") >= 2
     assert "**Minimum detectable effect reached**" in section
     assert "| `runs/sqft-s0` | no per-example record (older record) |" in section
@@ -270,11 +273,16 @@ def test_different_documents_are_not_paired(sweep, tmp_path):
     _write_run(root, "none-s0", "none", 0, {t: (rng.random(DOCS) < 0.5).astype(float) for t in TASKS})
     _write_run(root, "lors-s0", "lors", 0, {t: (rng.random(300) < 0.5).astype(float) for t in TASKS},
                doc_ids=range(100, 400))
+    _write_run(root, "lora-s0", "lora", 0, {t: (rng.random(DOCS) < 0.5).astype(float) for t in TASKS},
+               text_sha256="cd" * 32)
     md = _report(root, tmp_path)
-    assert "No paired comparison" in md
-    assert ("task arc_easy: different documents (runs/lors-s0 has 300, runs/none-s0 has 800, 300 in common)"
-            in md or "task arc_easy: different documents (runs/none-s0 has 800, runs/lors-s0 has 300, 300 in common)"
-            in md)
+    assert "| lors | pruned only | 1/1 |" not in md  # not partly paired ...
+    assert ("| wanda · unstructured · 50% | lors | pruned only | task arc_easy: different documents (runs/lors-s0 "
+            "has 300, runs/none-s0 has 800, 300 in common) |" in md)  # ... but listed with what differs
+    lora = _row(md, "| lora | pruned only | 1/1 | 1600 |")
+    assert lora.split("|")[-3].strip() == "—"  # no Δ ppl: another text
+    assert ("Δ ppl not paired: lora vs pruned only (wanda · unstructured · 50%): different perplexity text "
+            "(runs/lora-s0 vs runs/none-s0: text_sha256 differs)." in md)
 
 
 def _error(capsys, argv) -> str:

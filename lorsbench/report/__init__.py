@@ -19,6 +19,7 @@ from lorsbench.report.document import Document, Figure, Section, to_markdown
 from lorsbench.report.html import to_html
 from lorsbench.report.paired import StatsOptions
 from lorsbench.report.plots import PLOTS, to_png
+from lorsbench.report.stats import MIN_RESAMPLES
 
 __all__ = ["Collected", "ReportError", "StatsOptions", "build_document", "collect", "write_report"]
 
@@ -59,7 +60,8 @@ def build_document(data: Collected, name: str, stats: StatsOptions | None = None
     return Document(f"lorsbench report: {name}", [
         Section("Summary", _summary(data)),
         Section("Failed and incomplete runs", tables.failure_table(data.runs)),
-        Section("Accuracy", tables.accuracy_tables(data.runs, paired_stats.marks(paired)) + paired_stats.legend(paired)),
+        Section("Accuracy", tables.accuracy_tables(data.runs, paired_stats.marks(paired))
+                + paired_stats.legend(paired)),
         Section("Paired comparisons", paired_stats.section(paired)),
         Section("Cost", tables.cost_tables(data.runs)),
         Section("Sparsity", tables.sparsity_tables(data.runs)),
@@ -74,8 +76,8 @@ def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "resu
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ReportError(f"--name must be a plain folder name (letters, digits, . _ -), got {name!r}")
     stats = stats or StatsOptions()
-    if stats.resamples < 100:
-        raise ReportError(f"--resamples must be at least 100, got {stats.resamples}")
+    if stats.resamples < MIN_RESAMPLES:
+        raise ReportError(f"--resamples must be at least {MIN_RESAMPLES}, got {stats.resamples}")
     data = collect(paths)
     doc = build_document(data, name, stats)
     folder = Path(out) / name

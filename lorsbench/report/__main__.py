@@ -1,4 +1,5 @@
-"""`python -m lorsbench.report <run or sweep folders...> --name <name> [--out results/reports] [--reference lora,none]`."""
+"""`python -m lorsbench.report <run or sweep folders...> --name <name> [--out results/reports] [--reference lora,none]
+[--resamples 2000] [--bootstrap-seed 0]`."""
 from __future__ import annotations
 
 import argparse

@@ -22,7 +22,7 @@ from lorsbench.report.document import Table
 from lorsbench.report.samples import (PairingError, RunSamples, common_tasks, common_windows, load_run,
                                       per_example_state, stack)
 from lorsbench.report.stats import (DEFAULT_RESAMPLES, McNemar, PairedDifference, PerplexityDifference,
-                                    benjamini_hochberg, mcnemar_exact, mde_paired, paired_bootstrap,
+                                    benjamini_hochberg, mcnemar_exact, mde_from_se, mde_paired, paired_bootstrap,
                                     paired_perplexity)
 
 DEFAULT_REFERENCES = ("lora", "none")
@@ -56,7 +56,8 @@ class Comparison:
     acc_norm_tasks: list[str]
     perplexity: PerplexityDifference | None
     perplexity_note: str
-    mde: float
+    mde: float  # from the discordance: document sampling only
+    mde_with_seeds: float | None  # from the two-level bootstrap SE, when a side has several seeds
     task_p_adjusted: list[float] = field(default_factory=list)
     p_adjusted: float = math.nan
 
@@ -141,7 +142,8 @@ def _compare(block: str, label: str, ref: str, ref_label: str, method: list[RunS
         note = str(exc)
     return Comparison(block, label, ref, ref_label, (len(method), len(reference)), tasks, n_docs, tests, task_p,
                       acc, acc_norm, [t for t, _, _ in norm_pairs], ppl, note,
-                      mde_paired(discordance, n_docs, FDR_Q, POWER))
+                      mde_paired(discordance, n_docs, FDR_Q, POWER),
+                      mde_from_se(acc.se, FDR_Q, POWER) if acc.two_level else None)
 
 
 def compare(data: Collected, options: StatsOptions | None = None) -> Paired:
@@ -260,11 +262,12 @@ def _block_table(comparisons: list[Comparison]) -> Table:
             i = by_task.get(task)
             cells.append("—" if i is None else _bold(f"{_pts(c.acc.task_differences[i])} ({_p(c.task_p[i])})",
                                                     c.task_p_adjusted[i] <= FDR_Q))
-        norm = _ci(c.acc_norm) + (f" ({len(c.acc_norm_tasks)} of {len(c.tasks)} tasks)" if c.acc_norm is not None
+        norm_text = _ci(c.acc_norm) + (f" ({len(c.acc_norm_tasks)} of {len(c.tasks)} tasks)" if c.acc_norm is not None
                                   else "")
         cells += [_bold(_ci(c.acc), c.p_adjusted <= FDR_Q), _p(c.acc.p_value), _bold(_p(c.p_adjusted),
                                                                                      c.p_adjusted <= FDR_Q),
-                  norm, _ppl(c.perplexity), f"{100 * c.mde:.2f}"]
+                  norm_text, _ppl(c.perplexity),
+                  f"{100 * c.mde:.2f}" + ("" if c.mde_with_seeds is None else f" ({100 * c.mde_with_seeds:.2f})")]
         rows.append(cells)
     return Table(["method", "vs", "seeds", "docs"] + [f"{t} Δ (p)" for t in tasks]
                  + ["mean Δ acc [95% CI]", "p", "p (BH)", "mean Δ acc_norm [95% CI]", "Δ ppl [95% CI] (ratio)",
@@ -285,7 +288,8 @@ def _intro(paired: Paired) -> str:
         f"Benjamini–Hochberg over all {paired.tests} tests of this report (every task p and suite p); **bold** "
         f"survives at q = {FDR_Q:g}. Δ ppl: perplexity over the same windows, bootstrapped over windows. MDE: the "
         f"suite-mean difference (points) detectable with {POWER:.0%} power at two-sided α = {FDR_Q:g}, from the "
-        "observed discordance (paired; seed variance not included).")
+        "observed discordance (paired, documents only); in parentheses, from the two-level bootstrap's standard "
+        "error where a side has several seeds (seed variance included).")
 
 
 def section(paired: Paired) -> list[str | Table]:
@@ -298,6 +302,10 @@ def section(paired: Paired) -> list[str | Table]:
         items = [_intro(paired)]
         for block in dict.fromkeys(c.block for c in paired.comparisons):
             items += [f"**{block}**", _block_table([c for c in paired.comparisons if c.block == block])]
+        unpaired_ppl = [f"{c.label} vs {c.reference_label} ({c.block}): {c.perplexity_note}"
+                        for c in paired.comparisons if c.perplexity_note]
+        if unpaired_ppl:
+            items.append("Δ ppl not paired: " + "; ".join(unpaired_ppl) + ".")
         mdes = sorted(100 * c.mde for c in paired.comparisons)
         spread = f"{mdes[0]:.2f}" if len(mdes) == 1 else \
             f"{mdes[0]:.2f}–{mdes[-1]:.2f} (median {float(np.median(mdes)):.2f})"

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import stats as sps
 
 DEFAULT_RESAMPLES = 2000
+MIN_RESAMPLES = 100  # fewer make the 2.5 % / 97.5 % percentiles rest on a couple of replicates
 # Resamples per vectorized block: bounds memory at CHUNK x (distinct document patterns or windows) values.
 CHUNK = 250
 
@@ -65,8 +66,8 @@ def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
 
 
 def _check_resamples(resamples: int) -> None:
-    if not isinstance(resamples, (int, np.integer)) or resamples < 100:
-        raise ValueError(f"resamples must be an integer >= 100, got {resamples!r}")
+    if not isinstance(resamples, (int, np.integer)) or resamples < MIN_RESAMPLES:
+        raise ValueError(f"resamples must be an integer >= {MIN_RESAMPLES}, got {resamples!r}")
 
 
 def mcnemar_exact(method: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray) -> McNemar:
@@ -180,7 +181,11 @@ def mde_paired(discordance: Sequence[float], n_docs: Sequence[int], alpha: float
     if d.shape != n.shape or d.size == 0 or (n <= 0).any() or ((d < 0) | (d > 1)).any():
         raise ValueError(f"need one discordant fraction in [0, 1] and a positive document count per task, "
                          f"got {discordance!r} and {n_docs!r}")
-    se = np.sqrt((d / n).sum()) / d.size
+    return mde_from_se(float(np.sqrt((d / n).sum()) / d.size), alpha, power)
+
+
+def mde_from_se(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """(z_{1-alpha/2} + z_power) * se: the difference a two-sided z-test at `alpha` detects with `power`."""
     return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * se)
 
 
