@@ -311,3 +311,39 @@ def test_write_report_api_takes_options(sweep, tmp_path):
     folder = write_report([sweep], "api", tmp_path, StatsOptions(references=("none",), resamples=200, seed=3))
     md = (folder / "report.md").read_text()
     assert "200 resamples, seed 3" in md and "| lors | lora |" not in md and "† pruned only" in md
+
+
+def test_reads_what_the_pipeline_writes(tmp_path):
+    """The report reads the files the pipeline's own writers produce (lm-eval samples -> samples.jsonl.gz, the
+    perplexity windows), and pairs them."""
+    from lorsbench.evaluation.lm_eval_runner import SAMPLES_FILE, per_example_rows, write_samples
+    from lorsbench.evaluation.perplexity import PerplexityResult
+    from lorsbench.pipeline import PPL_WINDOWS
+    from lorsbench.records import write_json_atomic
+    from lorsbench.report.samples import load_run
+
+    def lm_eval_sample(position: int, right: bool) -> dict:  # the fields of lm-eval's logged samples used
+        gold = position % 2
+        logliks = [-1.0, -2.0] if (gold == 0) == right else [-2.0, -1.0]
+        return {"doc_id": position, "target": gold, "filtered_resps": [[ll, False] for ll in logliks],
+                "acc": float(right), "acc_norm": float(right), "doc": {}}
+
+    for name, method, shift in (("a", "none", 0), ("b", "lora", 1)):
+        folder = tmp_path / "runs" / name
+        rows = per_example_rows([lm_eval_sample(i, (i + shift) % 3 != 0) for i in range(30)], "arc_easy",
+                                tuple(range(100, 130)))
+        write_samples(folder / SAMPLES_FILE, rows)
+        windows = PerplexityResult(8.0, 40, 10, 10, "pydoc", text_sha256="ef" * 32,
+                                   window_nll_sum=(20.0 + shift, 21.0, 22.0, 19.0), window_tokens=(10,) * 4)
+        write_json_atomic(folder / PPL_WINDOWS, windows.windows_json())
+        record = {"schema_version": 1, "status": "success", "run_name": name, "model": "m", "pruner": "wanda",
+                  "pattern": "unstructured", "target_sparsity": 0.5, "method": method, "seed": 0,
+                  "weights": "pretrained", "tasks": {"arc_easy": {"acc": sum(r["acc"] for r in rows) / 30}},
+                  "samples_file": SAMPLES_FILE, "perplexity_windows_file": PPL_WINDOWS}
+        write_json_atomic(folder / "run.json", record)
+        run = load_run({**record, "run_dir": name}, folder, ["arc_easy"])
+        assert run.tasks["arc_easy"].doc_ids.tolist() == list(range(100, 130))
+        assert run.tasks["arc_easy"].acc.tolist() == [float((i + shift) % 3 != 0) for i in range(30)]
+        assert set(np.abs(run.tasks["arc_easy"].margin)) == {1.0} and run.windows.tokens.tolist() == [10] * 4
+    md = _report(tmp_path / "runs", tmp_path)
+    assert _row(md, "| lora | pruned only | 1/1 | 30 |")
