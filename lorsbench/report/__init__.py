@@ -46,7 +46,8 @@ def _summary(data: Collected) -> list:
                      + "; ".join(f"{b} / {lab} / seed {s}" for (b, lab, s) in dup[dup > 1].index) + ".")
     text += notes
     text.append("Accuracy: lm-eval `acc` in %, mean ± std (ddof=1) over the n runs (seeds) of a row; the mean column "
-                "averages each run's tasks first. Perplexity on held-out text (lower is better).")
+                "averages each run's tasks first (equal weight). `mean acc_norm` beside it averages lm-eval `acc_norm` "
+                "over the tasks that record it. Perplexity on held-out text (lower is better).")
     return text + [tables.overview_table(runs)]
 
 

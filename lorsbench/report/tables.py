@@ -90,6 +90,8 @@ def _accuracy_table(rows: pd.DataFrame, marks: dict[tuple[str, str], str]) -> Ta
     metrics = [(c, c.removeprefix("acc."), 100.0, max) for c in tasks] + [("mean_acc", "mean", 100.0, max)]
     if "perplexity" in rows and rows["perplexity"].notna().any():
         metrics.append(("perplexity", "perplexity", 1.0, min))
+    if "mean_acc_norm" in rows and rows["mean_acc_norm"].notna().any():
+        metrics.append(("mean_acc_norm", "mean acc_norm", 100.0, max))
     labels = _label_order(rows)
     by_label = {label: rows[rows["label"] == label] for label in labels}
     best = {}
