@@ -11,6 +11,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lorsbench.report import StatsOptions, write_report
@@ -258,6 +259,14 @@ def test_report_paired_section_and_marks(sweep, tmp_path):
     assert "†" not in _row(accuracy, "| lora | 1 |") and "‡" not in _row(accuracy, "| lora | 1 |")
     assert "† lora / ‡ pruned only" in accuracy and "Benjamini–Hochberg" in accuracy
     assert _report(sweep, tmp_path) == md  # seeded: the same report twice
+    # paired.csv: the same numbers, machine-readable.
+    table = pd.read_csv(tmp_path / "paired" / "paired.csv")
+    suite = table[(table["method"] == "lors") & (table["reference"] == "pruned only") & (table["task"] == "all")]
+    assert len(suite) == 1 and suite["diff_acc_pts"].iloc[0] == pytest.approx(9.5)
+    assert suite["ci_low_acc_pts"].iloc[0] < 9.5 < suite["ci_high_acc_pts"].iloc[0] and suite["p_bh"].iloc[0] <= 0.05
+    assert suite["test"].iloc[0] == "bootstrap_two_level" and suite["delta_ppl"].iloc[0] < 0
+    task = table[(table["method"] == "lora") & (table["reference"] == "pruned only") & (table["task"] == "boolq")]
+    assert task[["gains", "losses", "p", "test"]].values.tolist() == [[40, 40, 1.0, "mcnemar_exact"]]
 
 
 def test_report_dense_reference(sweep, tmp_path):

@@ -23,7 +23,7 @@ from lorsbench.report.stats import MIN_RESAMPLES
 
 __all__ = ["Collected", "ReportError", "StatsOptions", "build_document", "collect", "write_report"]
 
-OUTPUT_FILES = ("runs.csv", "metrics_long.csv", "report.md", "report.html")
+OUTPUT_FILES = ("runs.csv", "metrics_long.csv", "paired.csv", "report.md", "report.html")
 
 
 def _summary(data: Collected) -> list:
@@ -51,8 +51,7 @@ def _summary(data: Collected) -> list:
     return text + [tables.overview_table(runs)]
 
 
-def build_document(data: Collected, name: str, stats: StatsOptions | None = None) -> Document:
-    paired = paired_stats.compare(data, stats or StatsOptions())
+def build_document(data: Collected, name: str, paired: paired_stats.Paired) -> Document:
     figures = []
     for stem, (draw, caption) in PLOTS.items():
         fig = draw(data.long)
@@ -80,13 +79,15 @@ def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "resu
     if stats.resamples < MIN_RESAMPLES:
         raise ReportError(f"--resamples must be at least {MIN_RESAMPLES}, got {stats.resamples}")
     data = collect(paths)
-    doc = build_document(data, name, stats)
+    paired = paired_stats.compare(data, stats)
+    doc = build_document(data, name, paired)
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     for stem in PLOTS:
         (folder / f"{stem}.png").unlink(missing_ok=True)
-    data.runs.to_csv(folder / "runs.csv", index=False)
-    data.long.to_csv(folder / "metrics_long.csv", index=False)
+    write_text_atomic(folder / "runs.csv", data.runs.to_csv(index=False))
+    write_text_atomic(folder / "metrics_long.csv", data.long.to_csv(index=False))
+    write_text_atomic(folder / "paired.csv", paired_stats.frame(paired).to_csv(index=False))
     for section in doc.sections:
         for item in section.items:
             if isinstance(item, Figure):

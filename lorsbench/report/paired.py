@@ -30,6 +30,10 @@ SYMBOLS = ("†", "‡", "§", "¶")  # one per reference, in the order given
 FDR_Q = 0.05  # BH level; also the two-sided alpha of the MDE
 POWER = 0.8
 REFERENCE_NAMES = {"none": "pruned only", "dense": "dense"}
+PAIRED_COLUMNS = ("block", "method", "reference", "seeds_method", "seeds_reference", "task", "docs", "diff_acc_pts",
+                  "ci_low_acc_pts", "ci_high_acc_pts", "p", "p_bh", "test", "gains", "losses", "diff_acc_norm_pts",
+                  "ci_low_acc_norm_pts", "ci_high_acc_norm_pts", "acc_norm_tasks", "delta_ppl", "ci_low_delta_ppl",
+                  "ci_high_delta_ppl", "ratio_ppl", "mde_pts", "mde_with_seeds_pts", "resamples", "bootstrap_seed")
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,36 @@ def legend(paired: Paired) -> list[str]:
     return [(f"Marks on a cell: that row differs from the block's reference row on the same documents ({refs}), "
              f"Benjamini–Hochberg-adjusted p ≤ {FDR_Q:g} over the report's {paired.tests} paired tests (see Paired "
              "comparisons for the direction, CI and p).")]
+
+
+def frame(paired: Paired) -> pd.DataFrame:
+    """`paired.csv`: one row per comparison x task and one per comparison with task 'all' (the suite)."""
+    rows = []
+    for c in paired.comparisons:
+        keys = {"block": c.block, "method": c.label, "reference": c.reference_label, "seeds_method": c.seeds[0],
+                "seeds_reference": c.seeds[1]}
+        for i, task in enumerate(c.tasks):
+            test = c.mcnemar[i]
+            rows.append({**keys, "task": task, "docs": c.n_docs[i], "diff_acc_pts": 100 * c.acc.task_differences[i],
+                         "p": c.task_p[i], "p_bh": c.task_p_adjusted[i],
+                         "test": "mcnemar_exact" if test else "bootstrap_two_level",
+                         "gains": test.gains if test else None, "losses": test.losses if test else None})
+        norm, ppl = c.acc_norm, c.perplexity
+        rows.append({**keys, "task": "all", "docs": sum(c.n_docs), "diff_acc_pts": 100 * c.acc.difference,
+                     "ci_low_acc_pts": 100 * c.acc.ci_low, "ci_high_acc_pts": 100 * c.acc.ci_high,
+                     "p": c.acc.p_value, "p_bh": c.p_adjusted,
+                     "test": "bootstrap_two_level" if c.acc.two_level else "bootstrap",
+                     "diff_acc_norm_pts": None if norm is None else 100 * norm.difference,
+                     "ci_low_acc_norm_pts": None if norm is None else 100 * norm.ci_low,
+                     "ci_high_acc_norm_pts": None if norm is None else 100 * norm.ci_high,
+                     "acc_norm_tasks": len(c.acc_norm_tasks),
+                     "delta_ppl": None if ppl is None else ppl.delta,
+                     "ci_low_delta_ppl": None if ppl is None else ppl.ci_low,
+                     "ci_high_delta_ppl": None if ppl is None else ppl.ci_high,
+                     "ratio_ppl": None if ppl is None else ppl.ratio, "mde_pts": 100 * c.mde,
+                     "mde_with_seeds_pts": None if c.mde_with_seeds is None else 100 * c.mde_with_seeds,
+                     "resamples": paired.options.resamples, "bootstrap_seed": paired.options.seed})
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
 def _pts(x: float) -> str:
