@@ -53,7 +53,7 @@ class Comparison:
     seeds: tuple[int, int]  # runs with per-example data: method, reference
     tasks: list[str]
     n_docs: list[int]
-    mcnemar: list[McNemar | None]  # per task; None with several seeds a side
+    mcnemar: list[McNemar | None]  # per task; None when a side has several seeds
     task_p: list[float]
     acc: PairedDifference
     acc_norm: PairedDifference | None
