@@ -68,6 +68,7 @@ def test_main_table_layout(golden):
     assert labels == ["dense", "pruned only", "lora", "sqft", "lors"]
     lora = lines[labels.index("lora") + 2]
     assert "| 2 |" in lora and "42.87 ± 0.28" in lora  # two seeds: mean ± std, n = 2
+    assert lines[0].endswith("| perplexity | mean acc_norm |") and lora.endswith("| 40.67 ± 0.00 |")  # 03, 04: 0.4067
     # Random-weight runs are never in an accuracy table; smoke runs sit in their own marked block.
     accuracy = md.split("## Accuracy")[1].split("## Cost")[0]
     assert "random" not in accuracy and "**wanda · unstructured · 50% · smollm2-135m · smoke**" in accuracy

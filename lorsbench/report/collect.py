@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,7 +36,7 @@ TRAINING = ("trainable_params", "total_params", "train_steps", "max_steps", "seq
             "grad_accum", "lr", "step_ms_median", "step_ms_p90", "tokens_per_s", "train_wall_s", "final_loss")
 MEMORY = tuple(f"peak_{kind}_gib_{phase}" for phase in PHASES for kind in ("alloc", "reserved", "rss"))
 SPARSITY = tuple(f"{field}_{stage}" for stage in STAGES for field in ("sparsity", "nm_valid", "mask_preserved"))
-QUALITY = ("has_accuracy", "mean_acc", "perplexity", "perplexity_tokens", "perplexity_window")
+QUALITY = ("has_accuracy", "mean_acc", "mean_acc_norm", "perplexity", "perplexity_tokens", "perplexity_window")
 PROVENANCE = ("git_sha", "git_dirty", "prune_wall_s", "prune_cache_hit", "mask_digest")
 WIDE_ORDER = IDENTITY + FACTORS + TRAINING + ("memory_kind", "peak_mem_gib_train") + MEMORY + SPARSITY + QUALITY \
     + PROVENANCE
@@ -60,6 +60,7 @@ class Collected:
     runs: pd.DataFrame
     long: pd.DataFrame
     inputs: tuple[str, ...]
+    folders: dict[str, Path] = field(default_factory=dict)  # run_dir -> the run folder (per-example files)
 
 
 def is_missing(value: Any) -> bool:
@@ -174,8 +175,10 @@ def _flatten(record: dict[str, Any], run_dir: str) -> dict[str, Any]:
     if is_missing(row.get("mean_acc")) and tasks:
         accs = [s.get("acc") for s in tasks.values() if isinstance(s, dict) and not is_missing(s.get("acc"))]
         row["mean_acc"] = sum(accs) / len(accs) if accs else None
+    norms = [s["acc_norm"] for s in tasks.values() if isinstance(s, dict) and not is_missing(s.get("acc_norm"))]
+    row["mean_acc_norm"] = sum(norms) / len(norms) if norms else None  # over the tasks that record it
     if record.get("weights") == "random":  # random weights: efficiency only, accuracy is meaningless
-        for key in [k for k in row if k.startswith("acc.")] + ["mean_acc", "perplexity"]:
+        for key in [k for k in row if k.startswith("acc.")] + ["mean_acc", "mean_acc_norm", "perplexity"]:
             row[key] = None
     row["has_accuracy"] = record.get("status") == "success" and not is_missing(row.get("mean_acc"))
     smoke, limit = bool(record.get("smoke")), record.get("eval_limit")
@@ -297,14 +300,15 @@ def collect(paths: Iterable[str | Path]) -> Collected:
     if not found:
         extra = f" ({len(orphans)} Hydra job folders without one: jobs that died early)" if orphans else ""
         raise ReportError(f"no {RECORD_FILE} found under {', '.join(paths)}{extra}")
-    rows, tasks_by_run = [], {}
+    rows, tasks_by_run, folders = [], {}, {}
     for base, file in found:
         record = _read(file)
         record = _from_config(record) if record["status"] != "invalid" else record
         run_dir = os.path.relpath(file.parent, base)
         rows.append(_flatten(record, run_dir))
         tasks_by_run[run_dir] = record.get("tasks") if isinstance(record.get("tasks"), dict) else {}
+        folders[run_dir] = file.parent
     for base, job in orphans:
         rows.append(_flatten(_from_config(_orphan_record(job)), os.path.relpath(job, base)))
     runs = runs_frame(rows)
-    return Collected(runs=runs, long=long_frame(runs, tasks_by_run), inputs=tuple(paths))
+    return Collected(runs=runs, long=long_frame(runs, tasks_by_run), inputs=tuple(paths), folders=folders)
