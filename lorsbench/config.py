@@ -104,6 +104,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    cuda_graph: bool = False  # capture the whole step once in a CUDA graph, replay it (lorsbench/training.py)
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     for key in ("micro_batch_size", "grad_accum", "seq_len", "lr"):
         _check_positive(f"trainer.{key}", getattr(trainer, key))
     _check_positive("trainer.max_steps", trainer.max_steps, allow_zero=True)
+    if not isinstance(trainer.cuda_graph, bool):
+        raise ConfigError(f"trainer.cuda_graph must be true or false, got {trainer.cuda_graph!r}")
 
     eval_raw = dict(cfg["eval"])
     ppl_raw = eval_raw.pop("perplexity", None)
