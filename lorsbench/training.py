@@ -2,7 +2,7 @@
 gradient clipping, fixed sequence length, seeded data order. A method only changes modules and parameters.
 
 `trainer.cuda_graph=true` runs the same step body (`step_body`) captured once in a CUDA graph and replayed per
-step (docs/DESIGN.md "Measurements"; PyTorch "CUDA Graphs", whole-network capture): static batch buffers, eager
+step (PyTorch's "CUDA Graphs" notes, whole-network capture; README "What a run records"): static batch buffers, eager
 warm-up steps on a side stream, AdamW with `capturable=True` and the lr in a device tensor that the host writes
 before each replay. Where capture cannot run (no CUDA device, an op that syncs or is not capturable), the run
 continues eagerly and records why (`TrainResult.cuda_graph_fallback`).
@@ -188,12 +188,19 @@ class TrainResult:
         return out
 
 
-def graph_unavailable_reason(config: TrainerConfig, device: torch.device) -> str | None:
-    """Why `cuda_graph=true` cannot be tried at all (known before any work), or None."""
+def graph_unavailable_reason(config: TrainerConfig, device: torch.device, model: nn.Module) -> str | None:
+    """Why `cuda_graph=true` cannot be tried at all (known before any work), or None.
+
+    A module whose forward makes host-side choices that a replay would freeze (no sync, so the capture itself
+    would succeed) says so in a `cuda_graph_unsupported` attribute holding the reason."""
     if device.type != "cuda":
         return "no CUDA device"
     if config.max_steps <= GRAPH_WARMUP_STEPS:
         return f"max_steps {config.max_steps} leaves no step after the {GRAPH_WARMUP_STEPS} eager warm-up steps"
+    for name, module in model.named_modules():
+        reason = getattr(module, "cuda_graph_unsupported", None)
+        if reason:
+            return f"{name or type(module).__name__}: {reason}"
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
@@ -222,7 +229,7 @@ def train(
     if not params or config.max_steps == 0:
         return TrainResult(0, None, None, None, 0, tokens_per_step, None)
 
-    fallback = graph_unavailable_reason(config, device) if config.cuda_graph else None
+    fallback = graph_unavailable_reason(config, device, model) if config.cuda_graph else None
     use_graph = config.cuda_graph and fallback is None
     optimizer = make_optimizer(params, config, capturable=use_graph)
 

@@ -170,11 +170,27 @@ def test_logged_grad_norm_is_the_pre_clip_norm_of_the_step(tmp_path):
     assert log[0]["loss"] == pytest.approx((residual ** 2).mean().item(), rel=1e-12)
 
 
-def test_cuda_graph_too_few_steps_is_a_recorded_fallback():
-    reason = graph_unavailable_reason(TrainerConfig(max_steps=GRAPH_WARMUP_STEPS, cuda_graph=True),
-                                      torch.device("cuda"))
-    assert reason == f"max_steps {GRAPH_WARMUP_STEPS} leaves no step after the {GRAPH_WARMUP_STEPS} eager warm-up steps"
-    assert graph_unavailable_reason(TrainerConfig(max_steps=50, cuda_graph=True), torch.device("cpu")) == "no CUDA device"
+def test_cuda_graph_reasons_known_before_any_work():
+    cuda, config = torch.device("cuda"), TrainerConfig(max_steps=50, cuda_graph=True)
+    assert graph_unavailable_reason(config, torch.device("cpu"), Toy()) == "no CUDA device"
+    assert graph_unavailable_reason(replace(config, max_steps=GRAPH_WARMUP_STEPS), cuda, Toy()) == (
+        f"max_steps {GRAPH_WARMUP_STEPS} leaves no step after the {GRAPH_WARMUP_STEPS} eager warm-up steps")
+    model = Toy()
+    model.frozen.cuda_graph_unsupported = "draws on the host"  # a module whose choices a replay would freeze
+    assert graph_unavailable_reason(config, cuda, model) == "frozen: draws on the host"
+
+
+def test_sqft_nls_declares_its_host_side_rank_draws():
+    """SQFT's NLS picks each layer's rank in Python every forward: a graph would replay one draw."""
+    from lorsbench.config import MethodSpec
+    from lorsbench.method import build_method
+    from tests.methods_helpers import context, random_masks, tiny_llama
+
+    model = tiny_llama()
+    build_method(MethodSpec(name="sqft", params={"nls": True, "rank": 8, "nls_space": (8, 4)})).attach(
+        model, random_masks(model, "unstructured"), context())
+    reason = graph_unavailable_reason(TrainerConfig(max_steps=50, cuda_graph=True), torch.device("cuda"), model)
+    assert reason == "model.layers.0: NLS draws each layer's rank on the host every forward"
 
 
 def test_cuda_graph_key_is_validated(compose):

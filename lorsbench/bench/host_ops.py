@@ -2,7 +2,7 @@
 
     python -m lorsbench.bench.host_ops [--tokens 64] [--out results/efficiency/host_ops.md]
 
-A batch-1 training step on a GPU is bound by the host launching kernels (docs: results/efficiency/README.md),
+A batch-1 training step on a GPU is bound by the host launching kernels (results/efficiency/README.md),
 so the count of aten ops one adapted linear dispatches is a device-independent proxy for its host cost. Every
 registered method is built from its conf/method YAML defaults (`bench.step.method_spec`, r 16) and attached to a
 2-layer random LLaMA (hidden 32: compute is negligible) in bf16 on the CPU; the first adapted linear runs `y = m(x); y.backward(g)`
