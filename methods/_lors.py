@@ -142,8 +142,10 @@ class LoRSLinear(AdapterLinear):
         self.lora_V = nn.Parameter(V_init.to(torch.float32).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The per-call path of `lors_linear` minus its per-call work: the kernel is resolved once per input
-        # device and dtype, the scalars were typed at construction (eager steps are host-bound, issue 13).
+        # `lors_linear` minus its per-call work: the kernel is resolved once per input device and dtype and the
+        # scalars were typed at construction (batch-1 eager steps are bound by host work per layer).
+        if self.weight.requires_grad:
+            raise ValueError("LoRSLinear keeps the base weight frozen; it cannot produce a gradient for W")
         key = (x.device, x.dtype)
         kernel = self._resolved.get(key)
         if kernel is None:
