@@ -102,6 +102,7 @@ class TrainerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     lr_from: str | None = None  # a chosen-lr file of an lr sweep (lorsbench.lr_choice): overrides lr per run
+    cuda_graph: bool = False  # capture the whole step once in a CUDA graph, replay it (lorsbench/training.py)
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,8 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(f"trainer.adam_betas must be two numbers in [0, 1), got {trainer.adam_betas!r}")
     for i, beta in enumerate(betas):
         check_number(f"trainer.adam_betas[{i}]", beta, low=0, low_ok=True, high=1)
+    if not isinstance(trainer.cuda_graph, bool):
+        raise ConfigError(f"trainer.cuda_graph must be true or false, got {trainer.cuda_graph!r}")
 
 
 def _check_eval(evaluation: EvalConfig) -> None:

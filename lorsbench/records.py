@@ -85,6 +85,8 @@ class RecordFields(TypedDict, total=False):
     step_ms_p90: float | None
     tokens_per_s: float | None
     final_loss: float | None
+    step_mode: str  # eager | cuda_graph (trainer.cuda_graph)
+    cuda_graph_fallback: str | None  # why trainer.cuda_graph=true ran eagerly, else null
     # pruning
     prune_wall_s: float
     prune_wall_s_saved: float
