@@ -89,7 +89,7 @@ def _weight_dtype(linears: dict[str, nn.Module]) -> str:
 def key_fields(config: PruningConfig, pruner: Pruner, model_key: str, weight_dtype: str) -> dict[str, Any]:
     """Everything a pruning result depends on (the calibration only for pruners that use it)."""
     pattern = config.pattern
-    return {
+    fields = {
         "artifact_version": ARTIFACT_VERSION,
         "model_key": model_key,
         "pruner": config.name,
@@ -100,6 +100,9 @@ def key_fields(config: PruningConfig, pruner: Pruner, model_key: str, weight_dty
         "weight_dtype": weight_dtype,
         "calibration": asdict(config.calibration) if pruner.needs_calibration and config.calibration else None,
     }
+    if config.layer_sparsity:  # only then, so the keys of runs without a prune schedule stay as they were
+        fields["layer_sparsity"] = dict(sorted(config.layer_sparsity.items()))
+    return fields
 
 
 def artifact_key(fields: dict[str, Any]) -> str:
