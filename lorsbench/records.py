@@ -16,6 +16,13 @@ Schema (SCHEMA_VERSION 1), one file per run folder:
   perplexity, perplexity_tokens, perplexity_window, perplexity_text_sha256 (of the scored token ids: perplexities
   compare only between equal digests), lm_eval_json (file name)
 - provenance: git_sha, git_dirty, versions {package: version}, resolved_config
+- prune schedule (only methods that prune in rounds, lorsbench/schedule.py): rounds [{round, target_sparsity,
+  pattern, train_steps, prune_cache_hit, prune_wall_s, prune_wall_s_saved, mask_digest, mask_sparsity,
+  prune_artifact, plan_wall_s, attach_wall_s, trainable_params, the method's round details, the train fields,
+  train_wall_s, the sparsity fields after_prune / after_train / after_merge (not the last round's merge)}],
+  schedule_wall_s, step_times_round (the round the step-time fields come from), schedule_round (the round in
+  progress; left in a failed run's record). train_steps, *_wall_s and peaks are totals / maxima over the rounds;
+  mask_digest, trainable_params, final_loss and the sparsity fields are the final round's.
 """
 from __future__ import annotations
 

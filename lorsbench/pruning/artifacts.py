@@ -1,7 +1,7 @@
 """Pruning results as cached artifacts (DESIGN.md "Masks are artifacts").
 
 One cache entry per (model_key, pruner, resolved pruner options, pattern, sparsity, targets, weight dtype,
-calibration config incl. its seed) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:
+calibration config incl. its seed, and the per-layer rates when a prune schedule sets them) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:
 
 - `masks.safetensors`   bool keep-mask per target linear (`MaskSet.save`, bit-exact);
 - `weights.safetensors` the pruned target weights, only for pruners that change kept weights (SparseGPT).
