@@ -236,9 +236,9 @@ def _run_cli(tmp_path, *overrides):
                                           "output": str(2 * i + 1)}) for i in range(40)))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lorsbench", "model=tiny-llama", "method=losa", "pruning=wanda", "eval=none",
-           "device=cpu", "dtype=float32", "data=local", f"data.path={data}", "trainer.max_steps=10",
-           "trainer.micro_batch_size=2", "trainer.seq_len=32", "trainer.warmup_steps=1", "profile.warmup_steps=1",
-           "pruning.calibration.nsamples=4", "pruning.calibration.seq_len=64", "save_merged=true",
+           "device=cpu", "dtype=float32", "data=local", f"data.path={data}", "data.heldout_examples=4",
+           "trainer.max_steps=10", "trainer.micro_batch_size=2", "trainer.seq_len=32", "trainer.warmup_steps=1",
+           "profile.warmup_steps=1", "pruning.calibration.nsamples=4", "pruning.calibration.seq_len=64", "save_merged=true",
            f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_root={tmp_path}", f"hydra.run.dir={out}",
            *overrides]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}

@@ -86,7 +86,8 @@ def _losa_config(compose, tmp_path, *extra, pruning="wanda"):
     data.write_text("\n".join(f'{{"instruction": "Say {i}.", "input": "", "output": "{i}"}}' for i in range(20)))
     return build_run_config(compose([
         "model=tiny-llama", "method=losa", f"pruning={pruning}", "eval=none", "device=cpu", "dtype=float32",
-        "data=local", f"data.path={data}", "trainer.max_steps=5", "trainer.micro_batch_size=2",
+        "data=local", f"data.path={data}", "data.heldout_examples=4", "trainer.max_steps=5",
+        "trainer.micro_batch_size=2",
         "trainer.seq_len=32", "trainer.warmup_steps=1", f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.output_root={tmp_path}",
         *(["pruning.calibration.nsamples=2", "pruning.calibration.seq_len=32"] if pruning == "wanda" else []),
@@ -130,3 +131,4 @@ def test_scheduled_run_totals(compose, tmp_path):
     assert record["final_loss"] == rounds[-1]["final_loss"] and torch.isfinite(torch.tensor(record["final_loss"]))
     assert record["sparsity_after_prune"] == rounds[-1]["sparsity_after_prune"]
     assert record["mask_preserved_after_merge"] is True and "schedule_round" not in record
+    assert record["val_loss"] > 0  # the phases after the schedule run as for every method
