@@ -1,24 +1,25 @@
 """`losa`: dynamic low-rank sparse adaptation (Huang et al., ICLR 2025, arXiv 2502.14816).
 
-LoSA starts from the dense model and reaches the target sparsity `s` in T rounds (Sec. 3.2); round t merges the
+LoSA (paper Sec. 3) starts from the dense model and reaches the target sparsity `s` in T rounds; round t merges the
 adapter of round t-1 into the weights, prunes to `s_t = s (1 - (1 - t/T)^3)` with the run's pruner, attaches a
 fresh adapter and trains its share of the budget (`lorsbench.schedule` drives the rounds; `step_weights` split
 `trainer.max_steps`, by default 1:1:1:1:6 as the public code's 1k, 1k, 1k, 1k, 6k examples).
 
-- Adapter (Sec. 3.2): the sparsified LoRA output, SQFT's masked delta (`methods/sqft.py`, reused):
+- Adapter: the sparsified LoRA output, SQFT's masked delta (`methods/sqft.py`, reused):
   `Y = X Wᵀ + b + D(X) ((s U V) ⊙ M)ᵀ`, so the merge `W + (s U V) ⊙ M` keeps the round's mask. `s` = `scale`.
-- Layer-wise sparsity (Sec. 3.3): redundancy ρ_l = Σ_{j≠l} CKA(F_l, F_j), linear CKA of the decoder layers'
+- Layer-wise sparsity: redundancy ρ_l = Σ_{j≠l} CKA(F_l, F_j), linear CKA of the decoder layers'
   output features on the calibration data of the dense model (the public code's stand-in for the paper's
   representation mutual information). Rates `s_t + δ z_l` (z = ρ standardised: redundant layers are pruned
   more), projected onto {|r_l - s_t| <= δ, mean r = s_t} by an exact clip-and-shift. N:M patterns fix every
   layer's rate, so the allocator is inactive there (recorded per round as `layer_sparsity_active: false`).
-- Rank allocation (Sec. 3.4): after round t's prune, ranks ∝ each layer's reconstruction error against the dense
+- Rank allocation: after round t's prune, ranks ∝ each layer's reconstruction error against the dense
   features, integers in [rank_min, rank_max] whose mean is exactly `rank_start + t - 1`.
 
 Differences from the public code: the similarities come from the dense model once (the code recomputes them on
 the current sparse model every round); the rates spread by δ per standard deviation of ρ and are projected
 (the code solves a linear program, whose solution puts every layer at a bound); the adapter scale is one
-constant `s` for every rank.
+constant `s` for every rank. The dense layer outputs stay on the CPU for the whole run (calibration samples x
+tokens x hidden x layers, in the model's dtype).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ log = logging.getLogger("lorsbench")
 
 
 def cubic_schedule(sparsity: float, rounds: int) -> list[float]:
-    """`s_t = s (1 - (1 - t/T)^3)` for t = 1..T (Sec. 3.2); the last equals `s` exactly."""
+    """`s_t = s (1 - (1 - t/T)^3)` for t = 1..T (the cubic schedule); the last equals `s` exactly."""
     return [sparsity * (1.0 - (1.0 - t / rounds) ** 3) for t in range(1, rounds + 1)]
 
 
