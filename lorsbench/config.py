@@ -66,6 +66,13 @@ class PruningConfig:
     targets: tuple[str, ...]
     calibration: CalibrationConfig | None = None
     options: dict[str, Any] = field(default_factory=dict)  # pruner-specific (e.g. sparsegpt block size)
+    # per target linear (full module name) -> sparsity, set by a method's prune schedule (lorsbench.schedule);
+    # targets not listed use `sparsity`. Empty for every run without one.
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+
+    def sparsity_of(self, name: str) -> float:
+        """The sparsity target linear `name` is pruned to."""
+        return self.layer_sparsity.get(name, self.sparsity)
 
 
 @dataclass(frozen=True)

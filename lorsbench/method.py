@@ -19,9 +19,10 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from lorsbench.config import MethodSpec, PatternConfig, check_number
+from lorsbench.config import MethodSpec, PatternConfig, RunConfig, check_number
 from lorsbench.errors import Batch, ConfigError, unknown_name_error
 from lorsbench.pruning.masks import MaskSet
+from lorsbench.schedule import Round, default_schedule
 
 # Ranges of the hyper-parameters several methods share, checked by name before a method's Config is built, so a
 # bad value is one clear error naming the option (not a ZeroDivisionError from the scaling).
@@ -45,6 +46,7 @@ class MethodContext:
     generator: torch.Generator
     train_batches: Callable[[], Iterator[Batch]] | None = None  # a fresh iterator over training batches
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    calibration: Callable[[], list[Batch]] | None = None  # the pruning calibration batches (None without)
 
 
 class Method(ABC):
@@ -69,6 +71,21 @@ class Method(ABC):
     def describe(self) -> dict[str, Any]:
         """Hyper-parameters for the run record (scaling conventions included)."""
         return asdict(self.config) if self.config is not None else {}
+
+    # A method that prunes while it fine-tunes declares its rounds (lorsbench.schedule); the defaults are one
+    # round at the run's settings, i.e. prune once, attach, train, merge.
+    def schedule(self, cfg: RunConfig) -> list[Round]:
+        """The (target sparsity, training steps) rounds; the steps sum to `cfg.trainer.max_steps`."""
+        return default_schedule(cfg)
+
+    def plan_round(self, model: nn.Module, index: int, rnd: Round, ctx: MethodContext) -> Round:
+        """Called before round `index` (0-based) prunes `model` (the earlier rounds' merged weights); may return
+        the round with per-layer rates."""
+        return rnd
+
+    def round_details(self) -> dict[str, Any]:
+        """What the round's record entry adds after attach (e.g. allocated ranks)."""
+        return {}
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -8,6 +8,7 @@ heartbeat is refreshed at every phase boundary and every HEARTBEAT_S during trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -19,13 +20,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from lorsbench.config import PatternConfig, RunConfig
+from lorsbench.config import PatternConfig, PruningConfig, RunConfig
 from lorsbench.config_checks import check_model_fits, check_run_config, resolve_lr
 from lorsbench.method import Method, MethodContext, build_method
 from lorsbench.profiling import PhaseMeter
 from lorsbench.pruning.masks import MaskSet, measure_sparsity
 from lorsbench.records import RunRecord, failure_status, now_utc, write_json_atomic, write_text_atomic
 from lorsbench.runtime import provenance, resolve_device, seed_everything, torch_dtype
+from lorsbench.schedule import check_rounds, default_schedule
 from lorsbench.training import causal_lm_loss, train
 
 log = logging.getLogger("lorsbench")
@@ -86,6 +88,8 @@ class Run:
     dtype: torch.dtype | None = None  # setup
     generator: torch.Generator | None = None  # setup
     method: Method | None = None  # setup
+    rounds: list = field(default_factory=list)  # setup: the method's prune schedule (lorsbench.schedule.Round)
+    scheduled: bool = False  # setup: True when the method owns a schedule of several rounds
     prepared_eval: Any = None  # prepare_evaluation
     model: Any = None  # load (a transformers PreTrainedModel; merge replaces it)
     tokenizer: Any = None  # load
@@ -94,6 +98,7 @@ class Run:
     train_data: Any = None  # prepare_data
     train_batches: Callable[[], Iterator[dict]] | None = None  # prepare_data: a fresh batch iterator
     heldout_data: Any = None  # prepare_data: tokenized held-out examples (None without any)
+    calibration_loader: Any = None  # prune: the calibration batches, loaded once for every round
     masks: MaskSet | None = None  # prune
     params: list[torch.nn.Parameter] = field(default_factory=list)  # attach
 
@@ -123,6 +128,9 @@ def setup(run: Run) -> None:
     run.dtype = torch_dtype(cfg.dtype, run.device)
     run.generator = seed_everything(cfg.seed)
     run.method = build_method(cfg.method)
+    run.rounds = run.method.schedule(cfg)  # one round unless the method owns a prune schedule (lorsbench.schedule)
+    check_rounds(run.rounds, cfg.trainer.max_steps)
+    run.scheduled = run.rounds != default_schedule(cfg)
     run.record.update(provenance(run.device))
     run.record.update(method_config=run.method.describe(), preserves_sparsity=run.method.preserves_sparsity,
                       device=str(run.device), dtype=str(run.dtype).removeprefix("torch."))
@@ -165,37 +173,69 @@ def prepare_data(run: Run) -> None:
     run.record.update(train_examples=len(examples), heldout_examples=len(heldout))
 
 
-def prune(run: Run) -> None:
-    from lorsbench.pruning.artifacts import prune_model
+def model_key(run: Run) -> str:
+    """What the pruning cache keys the loaded model by."""
+    key = f"{run.weights}|{run.model_digest}"  # content, not the folder: a moved or shared cache still hits
+    if run.weights == "random":
+        key += f"|seed={run.cfg.seed}"  # random weights depend on the seed
+    return key
+
+
+def calibration(run: Run):
+    """The calibration loader of the run's pruning settings (None without calibration); it loads on its first
+    call (a pruning cache hit never does) and then returns the same batches to every round of a schedule."""
     from lorsbench.pruning.calibration import calibration_source
 
-    cfg = run.cfg
-    calib = cfg.pruning.calibration
-    calibration = calibration_source(run.tokenizer, calib) if calib is not None else None
-    model_key = f"{run.weights}|{run.model_digest}"  # content, not the folder: a moved or shared cache still hits
-    if run.weights == "random":
-        model_key += f"|seed={cfg.seed}"  # random weights depend on the seed
+    calib = run.cfg.pruning.calibration
+    if calib is None:
+        return None
+    if run.calibration_loader is None:
+        run.calibration_loader = functools.cache(calibration_source(run.tokenizer, calib))
+    return run.calibration_loader
+
+
+def prune_with(run: Run, pruning: PruningConfig, key: str):
+    """Prune `run.model` per `pruning` through the artifact cache; returns (PruneOutcome, PhaseStats)."""
+    from lorsbench.pruning.artifacts import prune_model
+
     with run.measured("prune") as meter:
-        outcome = prune_model(run.model, cfg.pruning, calibration, cfg.paths.cache_dir, model_key)
+        outcome = prune_model(run.model, pruning, calibration(run), run.cfg.paths.cache_dir, key)
     run.masks = outcome.masks
-    run.record.update(meter.stats.as_dict(), prune_cache_hit=outcome.cache_hit, prune_wall_s=outcome.prune_wall_s,
+    return outcome, meter.stats
+
+
+def prune(run: Run) -> None:
+    if run.scheduled:  # a method-owned prune schedule: every round prunes, attaches and trains there
+        from lorsbench.schedule import run_rounds
+
+        run_rounds(run, model_key(run), prune_with, method_context, run.output_dir / TRAIN_LOG)
+        return
+    outcome, stats = prune_with(run, run.cfg.pruning, model_key(run))
+    run.record.update(stats.as_dict(), prune_cache_hit=outcome.cache_hit, prune_wall_s=outcome.prune_wall_s,
                       prune_wall_s_saved=outcome.cached_prune_wall_s if outcome.cache_hit else 0.0,
                       mask_digest=outcome.masks.digest(),
                       prune_artifact=str(outcome.artifact_dir) if outcome.artifact_dir else None)
     run.sparsity("after_prune", run.model)
 
 
-def attach(run: Run) -> None:
+def method_context(run: Run) -> MethodContext:
     cfg = run.cfg
-    ctx = MethodContext(
+    return MethodContext(
         targets=cfg.pruning.targets, device=run.device, dtype=run.dtype, generator=run.generator,
-        train_batches=run.train_batches, loss_fn=causal_lm_loss,
+        train_batches=run.train_batches, loss_fn=causal_lm_loss, calibration=calibration(run),
     )
-    run.params = run.method.attach(run.model, run.masks, ctx)
+
+
+def attach(run: Run) -> None:
+    if run.scheduled:
+        return  # attached in every round of the schedule (prune)
+    run.params = run.method.attach(run.model, run.masks, method_context(run))
     run.record.update(trainable_params=sum(p.numel() for p in run.params))
 
 
 def fine_tune(run: Run) -> None:
+    if run.scheduled:
+        return  # trained in every round of the schedule (prune)
     cfg = run.cfg
     with run.measured("train") as meter:
         result = train(run.model, run.params, run.train_batches(), cfg.trainer, cfg.profile, run.device,

@@ -4,6 +4,14 @@
 every record it reads against it (`validate_record`). Per-phase and per-stage fields follow `PER_PHASE_FIELDS`
 and `PER_STAGE_FIELDS`. SCHEMA_VERSION 2 adds `pid`, `host`, `heartbeat_at` (a `running` record whose process is
 gone is recognisable: `liveness`) and the `interrupted` status; version-1 records stay readable.
+
+- prune schedule (only methods that prune in rounds, lorsbench/schedule.py): rounds [{round, target_sparsity,
+  pattern, train_steps, prune_cache_hit, prune_wall_s, prune_wall_s_saved, mask_digest, mask_sparsity,
+  prune_artifact, plan_wall_s, attach_wall_s, trainable_params, the method's round details, the train fields,
+  train_wall_s, the sparsity fields after_prune / after_train / after_merge (not the last round's merge)}],
+  schedule_wall_s, step_times_round (the round the step-time fields come from), schedule_round (the round in
+  progress; left in a failed run's record). train_steps, *_wall_s and peaks are totals / maxima over the rounds;
+  mask_digest, trainable_params, final_loss and the sparsity fields are the final round's.
 """
 from __future__ import annotations
 
@@ -87,6 +95,11 @@ class RecordFields(TypedDict, total=False):
     final_loss: float | None
     step_mode: str  # eager | cuda_graph (trainer.cuda_graph)
     cuda_graph_fallback: str | None  # why trainer.cuda_graph=true ran eagerly, else null
+    # prune schedule (methods that prune in rounds, lorsbench.schedule)
+    rounds: list
+    schedule_wall_s: float
+    step_times_round: int
+    schedule_round: int
     # pruning
     prune_wall_s: float
     prune_wall_s_saved: float

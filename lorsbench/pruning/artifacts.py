@@ -1,7 +1,7 @@
 """Pruning results as cached artifacts (DESIGN.md "Masks are artifacts").
 
 One cache entry per (model_key, pruner, resolved pruner options, pattern, sparsity, targets, weight dtype,
-calibration config incl. its seed) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:
+calibration config incl. its seed, and the per-layer rates when a prune schedule sets them) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:
 
 - `masks.safetensors`   bool keep-mask per target linear (`MaskSet.save`, bit-exact);
 - `weights.safetensors` the pruned target weights, only for pruners that change kept weights (SparseGPT).
@@ -101,7 +101,7 @@ def _weight_dtype(linears: dict[str, nn.Module]) -> str:
 def key_fields(config: PruningConfig, pruner: Pruner, model_key: str, weight_dtype: str) -> dict[str, Any]:
     """Everything a pruning result depends on (the calibration only for pruners that use it)."""
     pattern = config.pattern
-    return {
+    fields = {
         "artifact_version": ARTIFACT_VERSION,
         "model_key": model_key,
         "pruner": config.name,
@@ -112,6 +112,9 @@ def key_fields(config: PruningConfig, pruner: Pruner, model_key: str, weight_dty
         "weight_dtype": weight_dtype,
         "calibration": asdict(config.calibration) if pruner.needs_calibration and config.calibration else None,
     }
+    if config.layer_sparsity:  # only then, so the keys of runs without a prune schedule stay as they were
+        fields["layer_sparsity"] = dict(sorted(config.layer_sparsity.items()))
+    return fields
 
 
 def artifact_key(fields: dict[str, Any]) -> str:
