@@ -42,6 +42,9 @@ class Method(ABC):
     name: ClassVar[str]
     preserves_sparsity: ClassVar[bool]
     Config: ClassVar[type]
+    # The tuner of the method's own GPU kernels, for `python -m lorsbench.bench.layer --tune`:
+    # (device, dtype, time_ms, **options) -> an object with `markdown` and `files`; None: nothing to tune.
+    kernel_tuner: ClassVar[Callable[..., Any] | None] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -111,6 +114,16 @@ def get_method(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise ConfigError(f"methods/{name}.py does not register a method named '{name}'")
     return _REGISTRY[name]
+
+
+def kernel_tuners() -> dict[str, Callable[..., Any]]:
+    """Each distinct `Method.kernel_tuner` of the registry, under the first method name that carries it."""
+    tuners: dict[str, Callable[..., Any]] = {}
+    for name in list_methods():
+        tuner = get_method(name).kernel_tuner
+        if tuner is not None and all(tuner is not t for t in tuners.values()):
+            tuners[name] = tuner
+    return tuners
 
 
 def build_method(spec: MethodSpec) -> Method:

@@ -12,13 +12,11 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from lorsbench.config import PatternConfig, RunConfig
 from lorsbench.method import Method, MethodContext, build_method
 from lorsbench.profiling import PhaseMeter
 from lorsbench.pruning.masks import measure_sparsity
-from lorsbench.records import RunRecord
+from lorsbench.records import RunRecord, failure_status
 from lorsbench.runtime import provenance, resolve_device, seed_everything, torch_dtype
 from lorsbench.training import causal_lm_loss, train
 
@@ -196,8 +194,7 @@ def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:
             run.record.save()  # status stays "running" until the end; what each phase measured is on disk
         run.record["status"] = "success"
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record; the caller decides the exit code
-        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-        run.record.update(status="oom" if oom else "failed", error=f"{type(exc).__name__}: {exc}",
+        run.record.update(status=failure_status(exc), error=f"{type(exc).__name__}: {exc}",
                           error_type=type(exc).__name__, phase_failed=run.phase)
         (run.output_dir / ERROR_LOG).write_text(traceback.format_exc())
         log.error("run failed in phase %s: %s: %s", run.phase, type(exc).__name__, exc)

@@ -31,6 +31,16 @@ RECORD_FILE = "run.json"
 STATUSES = ("running", "success", "failed", "oom")
 
 
+def failure_status(exc: BaseException) -> str:
+    """The status a failed run or benchmark cell records: `oom` for an out-of-memory error (the allocator's
+    exception, or a library's RuntimeError that says so), else `failed`. One rule for the pipeline and the bench."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "oom"
+    return "failed"
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
