@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graph", action="store_true", help="shorthand for --modes cuda_graph")
     parser.add_argument("--max-batch", nargs="*", default=[], metavar="LABEL",
                         help="also find the largest batch that fits for these labels (a row each, at every seq len)")
-    parser.add_argument("--max-batch-limit", type=int, default=64)
+    parser.add_argument("--max-batch-limit", type=int, default=64,
+                        help="the largest batch the search tries (a row at the limit: nothing larger was tried)")
     parser.add_argument("--no-floor", action="store_true", help="skip the GEMM-rate probe (no × floor)")
     parser.add_argument("--reference", default="lora", help="the row label ratios are taken against")
     parser.add_argument("--out-dir", type=Path, default=None, help="default <paths.output_root>/bench/<gpu>")
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = out_dir / f"{name}.csv"
     rows: list[dict[str, Any]] = table.read_csv(csv_path) if args.append and csv_path.exists() else []
     if probe["gemm_tflops"]:
-        print(f"[bench] {probe['gpu']}: {probe['gemm_tflops']:.0f} TFLOP/s measured GEMM rate", flush=True)
+        print(f"[bench] {probe['gpu']}: {probe['gemm_tflops']:.3g} TFLOP/s measured GEMM rate", flush=True)
     run = _fork_run if args.isolation == "fork" else _subprocess_run
     failures = 0
 
@@ -257,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal rows, failures
         failures += row["status"] != "ok"
         status = row["status"] if row["status"] == "ok" else f"{row['status']} ({row.get('error')})"
+        def num(key: str, digits: int) -> str:
+            return "–" if row.get(key) is None else f"{row[key]:.{digits}f}"
+
         print(f"[bench] {row['label']:28s} {row.get('batch_size')}×{row['seq_len']:<6d} "
-              f"{'graph' if row.get('cuda_graph') else 'eager'}: {status}  step {row.get('step_ms_median')} ms  "
-              f"peak {row.get('peak_alloc_gib')} GiB  × floor {row.get('x_floor')}  ({row.get('wall_s') or 0:.0f} s)",
+              f"{'graph' if row.get('cuda_graph') else 'eager'}: {status}  step {num('step_ms_median', 1)} ms  "
+              f"peak {num('peak_alloc_gib', 2)} GiB  {num('x_floor', 2)}× floor  ({row.get('wall_s') or 0:.0f} s)",
               flush=True)
         rows = [r for r in rows if table.cell_key(r) != table.cell_key(row)] + [row]
         table.write_tables(rows, out_dir, name, NOTES, args.reference, plot_png=False)

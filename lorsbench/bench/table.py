@@ -154,7 +154,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = 
              f"GPU: {first.get('gpu')} · torch {first.get('torch_version')} · triton {first.get('triton_version')} · "
              f"{first.get('date_utc')} (UTC) · model {first['model']} (random weights) · pattern {first['pattern']} "
              f"(sparsity {'–' if sparsity is None else f'{sparsity:g}'}) · {first.get('dtype', 'bfloat16')} · "
-             f"ratios vs `{reference}`" + (f" · FLOP floor at a measured {rate:.0f} TFLOP/s GEMM" if rate else ""), ""]
+             f"ratios vs `{reference}`" + (f" · FLOP floor at a measured {rate:.3g} TFLOP/s GEMM" if rate else ""), ""]
     kernel = any(r.get("gpu_kernel_ms") is not None for r in rows)
     floor = any(r.get("x_floor") is not None for r in rows)
     columns = ["method"]
