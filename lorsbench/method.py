@@ -41,6 +41,7 @@ class MethodContext:
 class Method(ABC):
     name: ClassVar[str]
     preserves_sparsity: ClassVar[bool]
+    trains: ClassVar[bool] = True  # False: attach returns no parameters, so no lr applies (an lr sweep skips it)
     Config: ClassVar[type]
     # The tuner of the method's own GPU kernels, for `python -m lorsbench.bench.layer --tune`:
     # (device, dtype, time_ms, **options) -> an object with `markdown` and `files`; None: nothing to tune.
