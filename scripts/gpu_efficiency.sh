@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The efficiency benchmark (results/efficiency/, issues 5 and 13) in stages that each fit one 10-minute device call:
 #   OUT=$OUT bash scripts/gpu_efficiency.sh core8b        # one stage per call, in this order:
-#   core8b peers8b cost8b others8b load8b maxbatch8b tiny tiny_graph  (then, if time is left: unstr8b unstr8b_others)
+#   core8b core8b_graph peers8b cost8b others8b load8b maxbatch8b tiny tiny_graph  (then: unstr8b unstr8b_others)
 # Coverage: every method + the two peers (peft LoRA, the LoRS authors' autograd) at Llama-3-8B shapes, 2:4,
 # batch 1 x {512, 1024, 2048} in eager and CUDA-graph mode; every method + peers at 4 x 2048 (eager; lora/lors also
 # graph) and the largest LoRA batch that fits at 2048; TinyLlama shapes the same at batch 1. Estimates (H200): an 8B
-# cell 10-15 s (slope 40 s), a 4 x 2048 cell 25 s, a TinyLlama cell 9 s, plus ~15 s of imports and the GEMM probe.
+# cell 10-15 s (slope 40 s), a 4 x 2048 cell 25 s, a TinyLlama cell 9 s, plus ~15 s of imports and the GEMM probe per
+# invocation: every stage is planned at 4-6 minutes (core8b: 2 methods x 3 lengths x REPEATS=3 processes = 18 cells).
+# `lora` and `lors` run REPEATS interleaved processes per cell (the row keeps the median), the rest one process.
 # Needs on the device: torch, transformers, peft, pandas, matplotlib, triton (the image has them) and hydra-core,
 # omegaconf, antlr4-python3-runtime as wheels in .whl/ (carried; notes/gpu.md says how to fetch them):
 #   run(command="OUT=$OUT bash scripts/gpu_efficiency.sh core8b", carry=[".whl"])
@@ -44,7 +46,9 @@ stages() {
 for stage in "${@:-core8b}"; do
   echo "[gpu_efficiency] stage $stage ($(date -u +%H:%M:%S))"
   case $stage in
-    core8b)     bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes $MODES --methods $CORE \
+    core8b)     bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes eager --methods $CORE \
+                      --repeats "$REPEATS" ;;
+    core8b_graph) bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes cuda_graph --methods $CORE \
                       --repeats "$REPEATS" ;;
     peers8b)    bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes $MODES --methods --peers $PEERS
                 bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --methods $VARIANTS ;;
@@ -62,7 +66,7 @@ for stage in "${@:-core8b}"; do
                       --methods $CORE --repeats $(( REPEATS > 2 ? 2 : REPEATS )) ;;
     unstr8b_others) bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --seq-lens $SEQS \
                       --methods lors:mask_source=stored spp sqft lors_exact full_sparse_ft --peers $PEERS ;;  # slope: 2:4 only
-    *) echo "unknown stage '$stage' (core8b | peers8b | cost8b | others8b | load8b | maxbatch8b | tiny | tiny_graph |" \
+    *) echo "unknown stage '$stage' (core8b | core8b_graph | peers8b | cost8b | others8b | load8b | maxbatch8b | tiny | tiny_graph |" \
             "unstr8b | unstr8b_others)" >&2; exit 2 ;;
   esac
 done

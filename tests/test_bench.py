@@ -460,3 +460,22 @@ def test_the_kernel_tuner_is_reached_through_the_registry_not_by_name():
     for path in (REPO / "lorsbench").rglob("*.py"):  # the package never imports a method's internals
         text = path.read_text()
         assert "_lors_triton" not in text and "_effective_weight" not in text, path
+
+
+def test_the_cell_command_writes_its_result_as_json(tmp_path, capsys):
+    out = tmp_path / "row.json"
+    code = cell.main(["--model", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--method", "lora",
+                      "--seq-len", "16", "--warmup", "1", "--steps", "2", "--gemm-tflops", "2.0",
+                      "--json-out", str(out)])
+    row = json.loads(out.read_text())
+    assert code == 0 and row["status"] == "ok" and row["gemm_tflops"] == 2.0 and row["x_floor"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "lors", "peer:authors_lors", "peer:peft_lora"])
+def test_run_cell_on_cuda_measures_kernel_time_memory_and_the_floor(method):
+    rate = flops.gemm_tflops(torch.device("cuda"), n=2048, iters=5)
+    row = cell.run_cell(_spec(method, seq_len=64, device="cuda", dtype="bfloat16", gemm_tflops=rate))
+    assert row.status == "ok", row.error
+    assert row.gpu_kernel_ms > 0 and row.peak_alloc_gib > row.static_alloc_gib > 0 and row.x_floor > 1
