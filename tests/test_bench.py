@@ -449,8 +449,9 @@ def test_markdowns_render_through_the_report_table_writer():
 
 
 def test_the_kernel_tuner_is_reached_through_the_registry_not_by_name():
-    from lorsbench.method import kernel_tuners
     from lorsbench.methods import _lors_tuning
+
+    from lorsbench.method import kernel_tuners
 
     tuners = kernel_tuners()
     assert len(tuners) == 1 and set(tuners) <= {"lors", "lors_exact"}  # one tuner, shared by both LoRS methods
