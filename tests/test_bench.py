@@ -296,11 +296,24 @@ def test_repeats_keep_the_median_run_and_the_one_kernel_time():
     from lorsbench.bench.__main__ import _median_run
 
     runs = [_row("lors", 512, ms, 20.0) for ms in (300.0, 200.0, 250.0)]
-    runs[0]["gpu_kernel_ms"] = 90.0  # only one run profiled
+    runs[0]["gpu_kernel_ms"], runs[0]["top_kernels"] = 90.0, [["gemm", 60.0]]  # only one run profiled
     runs.append(_row("lors", 512, None, None, status="oom"))
     row = _median_run(runs)
     assert row["step_ms_median"] == 250.0 and row["step_ms_runs"] == [300.0, 200.0, 250.0]
-    assert row["gpu_kernel_ms"] == 90.0
+    assert row["gpu_kernel_ms"] == 90.0 and row["top_kernels"] == [["gemm", 60.0]]
+
+
+def test_top_kernels_sum_each_name_per_step_and_show_in_the_table(tmp_path):
+    from lorsbench.profiling import top_kernels
+
+    events = [("sm90_gemm", 4_000_000), ("add", 1_000_000), ("sm90_gemm", 2_000_000), ("mul", 3_000_000)]
+    assert top_kernels(events, active_steps=2, n=2) == (("sm90_gemm", 3.0), ("mul", 1.5))
+    assert top_kernels([("x" * 200, 1_000_000)], 1, 1, name_chars=10) == (("x" * 10, 1.0),)
+    row = _row("lors", 512, 200.0, 20.0, gpu_kernel_ms=80.0, top_kernels=[["sm90_gemm", 50.0], ["a|b", 3.0]])
+    text = table.markdown([row], "t")
+    assert "| `lors` | 512 | 80.0 | `sm90_gemm` 50.0; `a\\|b` 3.0 |" in text
+    table.write_csv([row], tmp_path / "k.csv")
+    assert table.read_csv(tmp_path / "k.csv")[0]["top_kernels"] == [["sm90_gemm", 50.0], ["a|b", 3.0]]
 
 
 def test_largest_batch_doubles_then_bisects_to_the_last_batch_that_fits():
@@ -480,3 +493,4 @@ def test_run_cell_on_cuda_measures_kernel_time_memory_and_the_floor(method):
     row = cell.run_cell(_spec(method, seq_len=64, device="cuda", dtype="bfloat16", gemm_tflops=rate))
     assert row.status == "ok", row.error
     assert row.gpu_kernel_ms > 0 and row.peak_alloc_gib > row.static_alloc_gib > 0 and row.x_floor > 1
+    assert 0 < len(row.top_kernels) <= cell.TOP_KERNELS and sum(ms for _, ms in row.top_kernels) <= row.gpu_kernel_ms * 1.5

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 PRESET = "bench"  # conf/experiment/bench.yaml
 GIB = float(1 << 30)
+TOP_KERNELS = 5  # kernels listed per profiled cell: where the time beyond the FLOP floor goes
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class CellResult:
     floor_ms: float | None = None  # step_gflop at gemm_tflops
     x_floor: float | None = None  # step_ms_median / floor_ms
     largest_batch: bool = False  # the largest batch that fit (--max-batch search)
+    top_kernels: list[list[Any]] = field(default_factory=list)  # [kernel name, ms per step], longest first
     method_config: dict[str, Any] = field(default_factory=dict)
     gpu: str | None = None
     torch_version: str = torch.__version__
@@ -228,7 +230,7 @@ def run_cell(spec: CellSpec) -> CellResult:
     from lorsbench.bench.peers import peer_of
     from lorsbench.method import MethodContext, build_method
     from lorsbench.models import load_model
-    from lorsbench.profiling import PhaseMeter, kernel_ms_per_step
+    from lorsbench.profiling import PhaseMeter, kernel_time_per_step
     from lorsbench.pruning import build_pruner
     from lorsbench.runtime import device_name, resolve_device, torch_dtype
     from lorsbench.training import causal_lm_loss, train
@@ -291,10 +293,12 @@ def run_cell(spec: CellSpec) -> CellResult:
         if spec.profiled_steps > 0 and device.type == "cuda":
             phase = "kernel_time"
             profiled = replace(trainer, max_steps=2 + spec.profiled_steps)
-            row.gpu_kernel_ms = kernel_ms_per_step(
+            kernels = kernel_time_per_step(
                 lambda after_step: train(model, params, batches, profiled, replace(cfg.profile, warmup_steps=0),
                                          device, after_step=after_step),
-                skip_steps=1, active_steps=spec.profiled_steps, device=device)
+                skip_steps=1, active_steps=spec.profiled_steps, device=device, top=TOP_KERNELS)
+            row.gpu_kernel_ms = kernels.ms_per_step
+            row.top_kernels = [[name, ms] for name, ms in kernels.top]
         phase = "saved_tensors"
         row.saved_activations_gib = saved_activation_bytes(model, next(batches), causal_lm_loss) / GIB
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the table

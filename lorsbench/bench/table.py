@@ -20,13 +20,13 @@ COLUMNS = ("label", "method", "peer", "model", "pattern", "sparsity", "seq_len",
            "gpu_kernel_ms", "kernel_vs_ref", "peak_alloc_gib", "mem_vs_ref", "peak_reserved_gib", "static_alloc_gib",
            "saved_activations_gib", "trainable_params", "tokens_per_s", "step_gflop", "gemm_tflops", "floor_ms",
            "x_floor", "largest_batch", "measured_steps", "gpu", "torch_version", "triton_version", "date_utc",
-           "step_ms_runs", "phase", "error", "method_config")
+           "step_ms_runs", "phase", "error", "method_config", "top_kernels")
 _INTS = ("seq_len", "batch_size", "trainable_params", "measured_steps")
 _FLOATS = ("sparsity", "step_ms_median", "step_ms_p90", "time_vs_ref", "peak_alloc_gib", "mem_vs_ref", "gpu_kernel_ms",
            "kernel_vs_ref", "peak_reserved_gib", "static_alloc_gib", "saved_activations_gib", "tokens_per_s",
            "step_gflop", "gemm_tflops", "floor_ms", "x_floor")
 _BOOLS = ("peer", "cuda_graph", "largest_batch")
-_JSON = ("method_config", "step_ms_runs")
+_JSON = ("method_config", "step_ms_runs", "top_kernels")
 
 
 def slug(text: str) -> str:
@@ -186,6 +186,13 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = 
               table_markdown(Table(["method", "batch × seq", "step mode", "status", "step ms median", "p90",
                                     "kernel ms", "floor ms", "× floor", "tokens/s", "peak alloc GiB",
                                     "peak reserved GiB", "static GiB", "saved GiB", "trainable params"], full))]
+    profiled = [(name, load) for name in names for load in loads if (by.get((name, load)) or {}).get("top_kernels")]
+    if profiled:
+        lines += ["", "Where the kernel time goes (the longest kernels of each profiled cell, ms per step):", "",
+                  table_markdown(Table(["method", "batch × seq", "kernel ms", "top kernels"], [
+                      [name, _load(by[(name, load)]), _fmt(by[(name, load)].get("gpu_kernel_ms")),
+                       "; ".join(f"`{k}` {ms:.1f}" for k, ms in by[(name, load)]["top_kernels"])]
+                      for name, load in profiled]))]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
