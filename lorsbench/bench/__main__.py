@@ -114,16 +114,11 @@ def _failed_row(spec, error: str) -> dict:
 
 def _probe(device: str, dtype: str, floor: bool) -> dict:
     """The GPU's name and measured GEMM rate (a child process: the parent never initialises CUDA)."""
-    import torch
-
     from lorsbench.bench.flops import gemm_tflops
     from lorsbench.runtime import device_name, resolve_device, torch_dtype
 
     dev = resolve_device(device)
-    rate = None
-    if floor:
-        rate = gemm_tflops(dev, torch_dtype(dtype, dev), n=8192 if dev.type == "cuda" else 256)
-    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    rate = gemm_tflops(dev, torch_dtype(dtype, dev), n=8192 if dev.type == "cuda" else 256) if floor else None
     return {"gpu": device_name(dev), "gemm_tflops": rate}
 
 
