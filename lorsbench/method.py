@@ -56,6 +56,9 @@ class Method(ABC):
     Config: ClassVar[type]
     # The N:M pattern (n, m) the method's base must have, e.g. (2, 4) for SLoPe; None: any pattern.
     required_pattern: ClassVar[tuple[int, int] | None] = None
+    # The tuner of the method's own GPU kernels, for `python -m lorsbench.bench.layer --tune`:
+    # (device, dtype, time_ms, **options) -> an object with `markdown` and `files`; None: nothing to tune.
+    kernel_tuner: ClassVar[Callable[..., Any] | None] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -157,6 +160,15 @@ def _check_option_ranges(method: str, params: dict[str, Any]) -> None:
             kind, low, low_ok, high, high_ok = OPTION_RANGES[key]
             for item in (value if isinstance(value, (list, tuple)) else (value,)):
                 check_number(f"method '{method}': {key} (method.{key})", item, kind, low, low_ok, high, high_ok)
+
+def kernel_tuners() -> dict[str, Callable[..., Any]]:
+    """Each distinct `Method.kernel_tuner` of the registry, under the first method name that carries it."""
+    tuners: dict[str, Callable[..., Any]] = {}
+    for name in list_methods():
+        tuner = get_method(name).kernel_tuner
+        if tuner is not None and all(tuner is not t for t in tuners.values()):
+            tuners[name] = tuner
+    return tuners
 
 
 def build_method(spec: MethodSpec) -> Method:

@@ -13,7 +13,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -138,10 +138,18 @@ class StepTimer:
         return {"step_ms_median": statistics.median(measured), "step_ms_p90": p90, "measured_steps": len(measured)}
 
 
-def kernel_ms_per_step(run_steps: Callable[[Callable[[], None]], object], skip_steps: int, active_steps: int,
-                       device: torch.device) -> float | None:
+@dataclass(frozen=True)
+class KernelTime:
+    """Device kernel time per step, and where it goes."""
+
+    ms_per_step: float
+    top: tuple[tuple[str, float], ...] = ()  # (kernel name, ms per step), the longest first
+
+
+def kernel_time_per_step(run_steps: Callable[[Callable[[], None]], object], skip_steps: int, active_steps: int,
+                         device: torch.device, top: int = 0) -> KernelTime | None:
     """Mean time per step (ms) the GPU spends running kernels, over `active_steps` steps after `skip_steps`
-    (CUDA only; None elsewhere).
+    (CUDA only; None elsewhere), and the `top` kernels by total device time (`top_kernels`).
 
     `run_steps(after_step)` must run `skip_steps + 1 + active_steps` steps and call `after_step()` after each (one
     profiler warm-up step between the skipped and the recorded ones). Only device activity is traced (no host op
@@ -157,9 +165,28 @@ def kernel_ms_per_step(run_steps: Callable[[Callable[[], None]], object], skip_s
         with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
             run_steps(prof.step)
     kineto = prof.profiler.kineto_results  # raw events: no FunctionEvent tree (slow to build for a whole model)
-    intervals = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in kineto.events()
-                 if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_async()]
-    return busy_ns(intervals) / 1e6 / active_steps
+    events = [e for e in kineto.events() if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_async()]
+    intervals = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events]
+    ranked = top_kernels(((e.name(), e.duration_ns()) for e in events), active_steps, top) if top else ()
+    return KernelTime(busy_ns(intervals) / 1e6 / active_steps, ranked)
+
+
+def kernel_ms_per_step(run_steps: Callable[[Callable[[], None]], object], skip_steps: int, active_steps: int,
+                       device: torch.device) -> float | None:
+    """`kernel_time_per_step`'s mean kernel time per step (ms); None off CUDA."""
+    result = kernel_time_per_step(run_steps, skip_steps, active_steps, device)
+    return None if result is None else result.ms_per_step
+
+
+def top_kernels(events: Iterable[tuple[str, int]], active_steps: int, n: int,
+                name_chars: int = 90) -> tuple[tuple[str, float], ...]:
+    """The `n` kernel names with the most device time: (name cut to `name_chars`, ms per step), summed over
+    every launch of that name, longest first."""
+    totals: dict[str, int] = {}
+    for name, duration_ns in events:
+        totals[name] = totals.get(name, 0) + duration_ns
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:n]
+    return tuple((name[:name_chars], ns / 1e6 / active_steps) for name, ns in ranked)
 
 
 def busy_ns(intervals: list[tuple[int, int]]) -> int:

@@ -229,6 +229,13 @@ class LoRSBase(Method):
     preserves_sparsity = True
     exact: bool = False
 
+    @staticmethod
+    def kernel_tuner(*args, **kwargs):
+        """The LoRS kernel tuner (`methods/_lors_tuning.py`, imported on use: it imports this module)."""
+        from lorsbench.methods._lors_tuning import tune
+
+        return tune(*args, **kwargs)
+
     def _grad_scale(self, scaling: float) -> float:
         return 1.0
 

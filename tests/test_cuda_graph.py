@@ -33,7 +33,7 @@ def _loss(model, batch):
 
 
 def _train(method_name: str, config: TrainerConfig, tmp_path, tag: str, loss_fn=_loss):
-    from lorsbench.bench.step import method_spec  # conf/method/<name>.yaml defaults, r 16, init=lora
+    from lorsbench.bench.cell import method_spec  # conf/method/<name>.yaml defaults, r 16, init=lora
 
     torch.manual_seed(0)
     model = tiny_llama(torch.float32).to(CUDA, torch.bfloat16)
@@ -88,7 +88,7 @@ def test_a_step_that_syncs_the_host_falls_back_to_eager_with_the_reason(tmp_path
 
 
 def test_a_batch_of_another_shape_is_a_clear_error_under_replay(tmp_path):
-    from lorsbench.bench.step import method_spec
+    from lorsbench.bench.cell import method_spec
 
     torch.manual_seed(0)
     model = tiny_llama(torch.float32).to(CUDA, torch.bfloat16)

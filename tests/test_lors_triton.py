@@ -189,9 +189,9 @@ def test_lors_linear_triton_and_torch_give_the_same_gradients(exact, kernel):
 def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorsbench.bench.step import magnitude_masks
-    from lorsbench.config import PatternConfig
+    from lorsbench.config import PatternConfig, PruningConfig
     from lorsbench.method import MethodContext
+    from lorsbench.pruning import build_pruner
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     losses, grads = {}, {}
@@ -202,7 +202,8 @@ def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
         config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=300)
         model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
-        masks = magnitude_masks(model, targets, 0.5, PatternConfig("2of4", 2, 4))
+        pruning = PruningConfig("magnitude", 0.5, PatternConfig("2of4", 2, 4), targets)
+        masks = build_pruner(pruning).prune(model, None, keep_on_device=True)
         method = build_method(MethodSpec("lors", {"init": "lora", "kernel": kernel, "mask_source": mask_source}))
         ctx = MethodContext(targets, torch.device("cuda"), torch.bfloat16, torch.Generator().manual_seed(0))
         params = method.attach(model, masks, ctx)

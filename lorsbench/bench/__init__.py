@@ -1,11 +1,11 @@
-"""Efficiency benchmark (issue 5; methods.md 5.5 "Efficiency protocol", 7.1-7.5).
+"""Efficiency benchmark (results/efficiency/README.md "Protocol"; issues 5, 13).
 
     python -m lorsbench.bench --model random-llama3-8b --pattern 2of4 --seq-lens 512 1024 2048 \\
-        --methods lora spp sqft lors lors_exact slope full_sparse_ft
+        --methods lora spp sqft lors lors_exact slope full_sparse_ft --peers peft_lora authors_lors
     python -m lorsbench.bench.layer            # per-layer fwd+bwd micro-benchmark (+ --tune, --semi)
 
-`step` measures one (method, sequence length) configuration through the pipeline's own pieces (random-weight
-model from `lorsbench.models`, magnitude masks, the method registry, THE training loop `lorsbench.training.train`,
-`lorsbench.profiling.PhaseMeter`) in its own process; `table` turns rows into CSV, Markdown and a plot.
-Nothing here imports Hydra: the GPU machine does not have it.
+`cell` measures one cell (method or peer × batch × sequence length × step mode) in its own process, with its
+config composed by Hydra (`experiment=bench`) and typed by the pipeline's `build_run_config`; `peers` holds the
+peer rows (never methods); `flops` the FLOP floor; `table` turns results into CSV, Markdown (the report's table
+writer) and a plot; `merge` joins the tables of several device calls.
 """

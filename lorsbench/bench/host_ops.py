@@ -4,7 +4,7 @@
 
 A batch-1 training step on a GPU is bound by the host launching kernels (results/efficiency/README.md),
 so the count of aten ops one adapted linear dispatches is a device-independent proxy for its host cost. Every
-registered method is built from its conf/method YAML defaults (`bench.step.method_spec`, r 16) and attached to a
+registered method is built from its conf/method YAML defaults (`bench.cell.compose_cell`, r 16) and attached to a
 2-layer random LLaMA (hidden 32: compute is negligible) in bf16 on the CPU; the first adapted linear runs `y = m(x); y.backward(g)`
 under a counting `TorchDispatchMode`. Views (`t`, `view`, ...) are counted apart: they launch no kernel. On the
 CPU the LoRS methods take `kernel=torch` (the Triton paths need CUDA). `--device cuda` adds the kernels each call
@@ -77,16 +77,19 @@ def host_us(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, repeat
 def method_row(name: str, tokens: int, repeats: int, device: torch.device) -> dict | None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorsbench.bench.step import TARGETS, magnitude_masks, method_spec, pattern_config
+    from lorsbench.bench.cell import CellSpec, compose_cell
     from lorsbench.method import MethodContext, build_method
     from lorsbench.methods._adapter import AdapterLinear
+    from lorsbench.pruning import build_pruner
 
     torch.manual_seed(0)
+    cfg = compose_cell(CellSpec(method=name, rank=16))  # the bench's protocol: magnitude 2:4, r 16, init=lora
+    targets = cfg.pruning.targets
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1)).to(device, torch.bfloat16)
-    masks = magnitude_masks(model, TARGETS, 0.5, pattern_config("2of4"))
-    method = build_method(method_spec(name, 16))
-    method.attach(model, masks, MethodContext(targets=TARGETS, device=device, dtype=torch.bfloat16,
+    masks = build_pruner(cfg.pruning).prune(model, None, keep_on_device=True)
+    method = build_method(cfg.method)
+    method.attach(model, masks, MethodContext(targets=targets, device=device, dtype=torch.bfloat16,
                                               generator=torch.Generator().manual_seed(0)))
     module = next((m for m in model.modules() if isinstance(m, AdapterLinear)), None)
     if module is None:

@@ -2,9 +2,11 @@
 (methods.md 7.5 protocol: bf16, 2:4 magnitude mask, r = 16, x requires grad so dX is computed).
 
     python -m lorsbench.bench.layer                       # methods × shapes × T: median ms, peak extra MiB
-    python -m lorsbench.bench.layer --tune                # fused LoRS kernel: every tile config vs cuBLAS/unfused
+    python -m lorsbench.bench.layer --tune                # every method's kernel tuner (Method.kernel_tuner)
     python -m lorsbench.bench.layer --semi                # 2:4 semi-structured base GEMMs vs dense
 
+Each layer is built like a benchmark cell: its config composed by Hydra (`experiment=bench`, `targets=[proj]`),
+pruned through `lorsbench.pruning` (masks on the device), the method attached through the registry.
 Shapes are d_out × d_in. `dense` is the frozen base alone (the two GEMMs every method pays). Time: median of
 `triton.testing.do_bench` (CUDA events, L2 flushed between repeats); memory: `max_memory_allocated` during one
 fwd+bwd minus what was allocated before it (outputs, gradients and transients).
@@ -12,11 +14,13 @@ fwd+bwd minus what was allocated before it (outputs, gradients and transients).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -26,11 +30,10 @@ from torch import nn
 
 from lorsbench.bench import table
 from lorsbench.records import write_text_atomic
+from lorsbench.report.document import Table, table_markdown
 
 SHAPES = ((4096, 4096), (14336, 4096))
-TUNE_SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # every Llama-3-8B projection
 TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
-TUNE_TOKENS = (512, 1024, 2048, 8192)
 METHODS = ("dense", "lora", "spp", "sqft", "lors", "lors:kernel=torch", "lors:kernel=fused,mask_source=stored", "lors_exact",
            "lors_exact:kernel=torch", "slope", "full_sparse_ft")
 MIB = float(1 << 20)
@@ -53,21 +56,24 @@ class _Holder(nn.Module):
 def build_layer(method: str, d_out: int, d_in: int, pattern_name: str, device: torch.device, dtype: torch.dtype,
                 rank: int = 16, seed: int = 0) -> tuple[nn.Module, list[nn.Parameter]]:
     """One pruned linear with `method` attached through the registry ('dense': the frozen base, no adapter)."""
-    from lorsbench.bench.step import magnitude_masks, method_spec, pattern_config
+    from lorsbench.bench.cell import CellSpec, compose_cell
     from lorsbench.method import MethodContext, build_method
+    from lorsbench.pruning import build_pruner
 
+    cfg = compose_cell(CellSpec(method="none" if method == "dense" else method, pattern=pattern_name, rank=rank,
+                                seed=seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                                overrides=("targets=[proj]",)))
     torch.manual_seed(seed)
     holder = _Holder(d_out, d_in).to(device=device, dtype=dtype)
     with torch.no_grad():
         holder.layers[0].proj.weight.normal_(0, 0.02)
-    pattern = pattern_config(pattern_name)
-    masks = magnitude_masks(holder, ("proj",), pattern.sparsity or 0.5, pattern)
+    masks = build_pruner(cfg.pruning).prune(holder, None, keep_on_device=True)
     if method == "dense":
         holder.requires_grad_(False)
         return holder.layers[0].proj, []
-    spec = method_spec(method, rank)
-    ctx = MethodContext(targets=("proj",), device=device, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-    params = build_method(spec).attach(holder, masks, ctx)
+    ctx = MethodContext(targets=cfg.pruning.targets, device=device, dtype=dtype,
+                        generator=torch.Generator().manual_seed(seed))
+    params = build_method(cfg.method).attach(holder, masks, ctx)
     module = holder.layers[0].proj
     with torch.no_grad():  # non-zero adapters (a zero U or β would hide real work); never the base weight
         for p in params:
@@ -164,8 +170,7 @@ def layer_markdown(rows: list[LayerRow], header: str) -> str:
     tokens = sorted({r.tokens for r in rows})
     lines = [header, ""]
     for d_out, d_in in dict.fromkeys((r.d_out, r.d_in) for r in rows):
-        lines += [f"### d_out × d_in = {d_out} × {d_in}: fwd+bwd median ms (× lora) / peak extra MiB", "",
-                  "| method | " + " | ".join(f"T={t}" for t in tokens) + " |", "|---" * (1 + len(tokens)) + "|"]
+        body = []
         for method in dict.fromkeys(r.method for r in rows):
             cells = []
             for t in tokens:
@@ -173,143 +178,15 @@ def layer_markdown(rows: list[LayerRow], header: str) -> str:
                 if r is None:
                     cells.append("")
                 elif r.status != "ok":
-                    cells.append(r.status.upper())
+                    cells.append(f"**{r.status.upper()}**")
                 else:
                     ratio = f" ({r.vs_lora:.2f})" if r.vs_lora else ""
                     mem = f" / {r.peak_extra_mib:.0f}" if r.peak_extra_mib is not None else ""
                     cells.append(f"{r.ms_median:.3f}{ratio}{mem}")
-            lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
-        lines.append("")
+            body.append([f"`{method}`", *cells])
+        lines += [f"### d_out × d_in = {d_out} × {d_in}: fwd+bwd median ms (× lora) / peak extra MiB", "",
+                  table_markdown(Table(["method", *(f"T={t}" for t in tokens)], body)), ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --tune: the fused LoRS kernels, every candidate tile configuration, against cuBLAS and the unfused path
-
-
-def _masked_problem(d_out: int, d_in: int, tokens: int, device, dtype, rank: int = 16):
-    from lorsbench.config import PatternConfig
-    from lorsbench.pruning.masks import mask_from_scores
-
-    w = torch.randn(d_out, d_in, device=device, dtype=dtype) * 0.02
-    mask = mask_from_scores(w.abs(), 0.5, PatternConfig("2of4", 2, 4))
-    w = w * mask
-    u = torch.randn(d_out, rank, device=device) * 0.02
-    v = torch.randn(rank, d_in, device=device) * 0.02
-    x = torch.randn(tokens, d_in, device=device, dtype=dtype)
-    dy = torch.randn(tokens, d_out, device=device, dtype=dtype)
-    return w, mask, u, v, x, dy
-
-
-BUILD_CANDIDATES = ((64, 128, 4), (128, 128, 8), (64, 256, 4), (32, 256, 4), (128, 64, 4))
-
-
-def tune_rows(shapes, tokens, device, dtype, scaling: float = 4.0, rep_ms: int = 60,
-              all_configs: bool = False) -> tuple[list[dict], list[dict]]:
-    """Time both Triton paths per GEMM against cuBLAS on the dense W and the unfused torch path: the one-pass
-    W_eff builder (each block candidate, at the first T: it does not depend on T) + cuBLAS, and the fused GEMMs
-    (their default config, or every candidate with `all_configs`). Only outputs that match the reference are
-    timed. Returns (all rows, the best fused entry per (kind, N, K, T))."""
-    from lorsbench.methods import _lors_triton as lt
-    from lorsbench.methods._lors import _effective_weight
-
-    rows, best = [], []
-    for n, k in shapes:
-        for t in tokens:
-            w, mask, u, v, x, dy = _masked_problem(n, k, t, device, dtype)
-            w_eff = _effective_weight(w, u, v, mask, scaling)
-            y_ref, dx_ref = F.linear(x, w_eff), dy @ w_eff
-            flops = 2.0 * t * n * k
-            base = {"N": n, "K": k, "T": t}
-            timings = {
-                ("fwd", "cublas_dense"): lambda: F.linear(x, w),
-                ("fwd", "torch_unfused"): lambda: F.linear(x, _effective_weight(w, u, v, mask, scaling)),
-                ("dx", "cublas_dense"): lambda: dy @ w,
-                ("dx", "torch_unfused"): lambda: dy @ _effective_weight(w, u, v, mask, scaling),
-            }
-            timings[("fwd", "triton_build+cublas")] = lambda: lt.forward("triton", x, w, u, v, mask, scaling)
-            timings[("dx", "triton_build+cublas")] = lambda: lt.grad_input("triton", dy, w, u, v, mask, scaling)
-            for (kind, label), fn in timings.items():
-                ms = median_ms(fn, device, rep_ms=rep_ms)
-                out = fn()
-                err = float((out.float() - (y_ref if kind == "fwd" else dx_ref).float()).norm()
-                            / (y_ref if kind == "fwd" else dx_ref).float().norm()) if "cublas_dense" != label else 0.0
-                rows.append({**base, "kind": kind, "config": label, "ms": ms, "tflops": flops / ms / 1e9, "rel_err": err})
-            if t == tokens[0]:
-                for blocks in BUILD_CANDIDATES:
-                    built = lt.build_weff(w, u, v, mask, scaling, blocks=blocks)
-                    ok = (bool((built[~mask] == 0).all())
-                          and float((built.float() - w_eff.float()).abs().max()) <= float(w_eff.float().abs().max()) * 2**-7)
-                    ms = median_ms(lambda blocks=blocks: lt.build_weff(w, u, v, mask, scaling, blocks=blocks), device,
-                                   rep_ms=rep_ms)
-                    rows.append({**base, "kind": "build", "config": "n{}k{}w{}".format(*blocks), "ms": ms,
-                                 "tb_s": n * k * 5 / ms / 1e9, "ok": ok})
-                    print(f"[tune] build {n}x{k} {blocks}: {ms:.4f} ms ({n * k * 5 / ms / 1e9:.2f} TB/s) ok={ok}",
-                          flush=True)
-                ms = median_ms(lambda: _effective_weight(w, u, v, mask, scaling), device, rep_ms=rep_ms)
-                rows.append({**base, "kind": "build", "config": "torch_addmm_mul", "ms": ms,
-                             "tb_s": n * k * 9 / ms / 1e9, "ok": True})
-            del w_eff
-            for kind, ref in (("fwd", y_ref), ("dx", dx_ref)):
-                winner = None
-                for cfg in (lt.CANDIDATES if all_configs else (lt.pick_config(kind, t, n, k),)):
-                    if kind == "fwd":
-                        fn = lambda cfg=cfg: lt.weff_linear(x, w, u, v, mask, scaling, config=cfg)  # noqa: E731
-                    else:
-                        fn = lambda cfg=cfg: lt.weff_grad_input(dy, w, u, v, mask, scaling, config=cfg)  # noqa: E731
-                    row = {**base, "kind": kind, "config": cfg.label()}
-                    try:
-                        out = fn()
-                        err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                        row["rel_err"] = err
-                        if not err < 1e-2:
-                            row["error"] = "mismatch"
-                        else:
-                            row["ms"] = median_ms(fn, device, rep_ms=rep_ms)
-                            row["tflops"] = flops / row["ms"] / 1e9
-                            if winner is None or row["ms"] < winner[1]:
-                                winner = (cfg, row["ms"])
-                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a config
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    rows.append(row)
-                if winner is not None:
-                    best.append({"kind": kind, **base, "config": asdict(winner[0]), "ms": winner[1]})
-                print(f"[tune] {kind:3s} {n}x{k} T={t}: best {winner[0].label() if winner else None} "
-                      f"{winner[1] if winner else float('nan'):.4f} ms", flush=True)
-            del w, mask, u, v, x, dy, y_ref, dx_ref
-    return rows, best
-
-
-def tune_markdown(rows: list[dict]) -> str:
-    lines = ["| kind | N×K | T | cuBLAS dense ms | unfused torch ms | best fused ms (config) | fused / dense | "
-             "fused / unfused |", "|---|---|---|---|---|---|---|---|"]
-    lines[0] = lines[0].replace("| best fused ms (config) |", "| triton build + cuBLAS ms | best fused ms (config) |")
-    lines[1] += "---|"
-    keys = dict.fromkeys((r["kind"], r["N"], r["K"], r["T"]) for r in rows if r["kind"] != "build")
-    for kind, n, k, t in keys:
-        group = [r for r in rows if (r["kind"], r["N"], r["K"], r["T"]) == (kind, n, k, t)]
-        by_label = {r["config"]: r.get("ms") for r in group}
-        dense, unfused = by_label.get("cublas_dense"), by_label.get("torch_unfused")
-        build = by_label.get("triton_build+cublas")
-        fused = [r for r in group if r["config"] not in ("cublas_dense", "torch_unfused", "triton_build+cublas")
-                 and r.get("ms")]
-        best = min(fused, key=lambda r: r["ms"]) if fused else None
-        best_text = f"{best['ms']:.4f} ({best['config']})" if best else "none correct"
-        ratio = lambda v, d: f"{v / d:.2f}" if v and d else "–"  # noqa: E731
-        lines.append(f"| {kind} | {n}×{k} | {t} | {dense:.4f} | {unfused:.4f} | {build:.4f} | {best_text} | "
-                     f"{ratio(best and best['ms'], dense)} | {ratio(best and best['ms'], unfused)} |")
-    lines[0] = lines[0].replace("| fused / dense | fused / unfused |", "| fused / dense | fused / unfused |")
-    builds = [r for r in rows if r["kind"] == "build"]
-    if builds:
-        lines += ["", "W_eff construction alone (bytes: W 2 + mask 1 + out 2 per element for the Triton pass; "
-                  "addmm + mul_ moves 9):", "", "| N×K | config | ms | effective TB/s | matches addmm+mask |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['N']}×{r['K']} | {r['config']} | {r['ms']:.4f} | {r['tb_s']:.2f} | {r['ok']} |" for r in builds]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --semi: 2:4 semi-structured kernels for the frozen base GEMMs
 
 
 def semi_rows(shapes, tokens, device, dtype, rep_ms: int = 60) -> list[dict]:
@@ -352,24 +229,24 @@ def semi_rows(shapes, tokens, device, dtype, rep_ms: int = 60) -> list[dict]:
 
 
 def semi_markdown(rows: list[dict]) -> str:
-    lines = ["| N×K | T | GEMM | dense ms | 2:4 sparse ms | speed-up | rel. diff |", "|---|---|---|---|---|---|---|"]
+    body = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['N']}×{r['K']} | {r['T']} | {r['gemm']} | error: {r['error']} | | | |")
+            body.append([f"{r['N']}×{r['K']}", str(r["T"]), r["gemm"], f"error: {r['error']}", "", "", ""])
         else:
-            lines.append(f"| {r['N']}×{r['K']} | {r['T']} | {r['gemm']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | "
-                         f"{r['speedup']:.2f}× | {r['rel_err']:.1e} |")
-    return "\n".join(lines) + "\n"
+            body.append([f"{r['N']}×{r['K']}", str(r["T"]), r["gemm"], f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}",
+                         f"{r['speedup']:.2f}×", f"{r['rel_err']:.1e}"])
+    return table_markdown(Table(["N×K", "T", "GEMM", "dense ms", "2:4 sparse ms", "speed-up", "rel. diff"], body)) + "\n"
 
 
 def ceilings(device: torch.device) -> dict[str, float]:
-    """The two measured ceilings (METHOD.md): device-to-device copy bandwidth and an 8192³ bf16 GEMM."""
+    """The two measured ceilings: device-to-device copy bandwidth and an 8192³ bf16 GEMM."""
+    from lorsbench.bench.flops import gemm_tflops
+
     a = torch.randn(1 << 28, device=device, dtype=torch.bfloat16)  # 512 MiB
     b = torch.empty_like(a)
     copy_ms = median_ms(lambda: b.copy_(a), device)
-    m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    gemm_ms = median_ms(lambda: m @ m, device)
-    return {"copy_tb_s": 2 * a.numel() * 2 / copy_ms / 1e9, "gemm_tflops": 2 * 8192**3 / gemm_ms / 1e9}
+    return {"copy_tb_s": 2 * a.numel() * 2 / copy_ms / 1e9, "gemm_tflops": gemm_tflops(device)}
 
 
 def _header(device: torch.device) -> str:
@@ -396,24 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rep-ms", type=int, default=100)
     parser.add_argument("--skip-layers", action="store_true", help="only --tune / --semi")
-    parser.add_argument("--tune", action="store_true")
-    parser.add_argument("--tune-all", action="store_true", help="every fused candidate config, not the default")
-    parser.add_argument("--tune-shapes", nargs="+", default=[f"{n}x{k}" for n, k in TUNE_SHAPES])
-    parser.add_argument("--tune-tokens", type=int, nargs="+", default=list(TUNE_TOKENS))
+    parser.add_argument("--tune", action="store_true", help="run every method's kernel tuner (Method.kernel_tuner)")
+    parser.add_argument("--tune-all", action="store_true", help="every candidate config, not the default")
+    parser.add_argument("--tune-shapes", nargs="+", default=None, help="d_out x d_in; default: the tuner's")
+    parser.add_argument("--tune-tokens", type=int, nargs="+", default=None, help="default: the tuner's")
     parser.add_argument("--semi", action="store_true")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default results/efficiency/<gpu>")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default <paths.output_root>/bench/<gpu>")
     args = parser.parse_args(argv)
 
-    from lorsbench.method import methods_package
-    from lorsbench.runtime import resolve_device, torch_dtype
+    from lorsbench.bench.cell import output_root
+    from lorsbench.method import kernel_tuners, methods_package
+    from lorsbench.runtime import device_name, resolve_device, torch_dtype
 
     methods_package()
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, device)
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    out_dir = args.out_dir or Path("results/efficiency") / table.slug(
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = [_shape(s) for s in args.shapes]
+    out_dir = args.out_dir or output_root() / "bench" / table.slug(device_name(device))
     header = _header(device)
     report = [f"# Per-layer micro-benchmark\n\n{header}\n"]
     if device.type == "cuda":
@@ -422,13 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"bf16 8192³ GEMM {c['gemm_tflops']:.0f} TFLOP/s.\n")
         print(report[-1], flush=True)
     if args.tune:
-        tune_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.tune_shapes]
-        rows, best = tune_rows(tune_shapes, args.tune_tokens, device, dtype, all_configs=args.tune_all)
-        write_text_atomic(out_dir / "lors_kernel_tune.json", json.dumps({"rows": rows, "best": best}, indent=1))
-        write_text_atomic(out_dir / "lors_tiles.json", json.dumps(best, indent=1))
-        report.append("## Fused LoRS kernels (`methods/_lors_triton.py`) vs cuBLAS (dense W) and the unfused "
-                      "torch path (W_eff built in memory), one GEMM each\n\n" + tune_markdown(rows))
-        print(report[-1], flush=True)
+        options = {"all_configs": args.tune_all}
+        if args.tune_shapes:
+            options["shapes"] = [_shape(s) for s in args.tune_shapes]
+        if args.tune_tokens:
+            options["tokens"] = args.tune_tokens
+        for tuner in kernel_tuners().values():
+            tuning = tuner(device, dtype, lambda fn: median_ms(fn, device, rep_ms=60), **options)
+            for file, payload in tuning.files.items():
+                write_text_atomic(out_dir / file, json.dumps(payload, indent=1))
+            report.append(tuning.markdown)
+            print(report[-1], flush=True)
     if args.semi:
         rows = semi_rows(shapes, args.tokens, device, dtype)
         write_text_atomic(out_dir / "semi_structured.json", json.dumps(rows, indent=1))
@@ -437,17 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         print(report[-1], flush=True)
     if not args.skip_layers:
         rows = layer_rows(args.methods, shapes, args.tokens, args.pattern, device, dtype, args.rep_ms)
-        csv_rows = [asdict(r) for r in rows]
-        import csv
-
-        with open(out_dir / "layer.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(csv_rows[0]))
-            writer.writeheader()
-            writer.writerows(csv_rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(LayerRow)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+        write_text_atomic(out_dir / "layer.csv", buffer.getvalue())
         report.append(layer_markdown(rows, "## fwd+bwd of one adapted linear (bf16, 2:4, r = 16, x requires grad)"))
         print(report[-1], flush=True)
     write_text_atomic(out_dir / "layer.md", "\n".join(report))
+    print(f"[layer] wrote {out_dir}/layer.md")
     return 0
+
+
+def _shape(text: str) -> tuple[int, int]:
+    return tuple(int(v) for v in text.lower().split("x"))
 
 
 if __name__ == "__main__":

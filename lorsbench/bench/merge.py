@@ -1,6 +1,6 @@
 """`python -m lorsbench.bench.merge OUT_DIR CSV [CSV ...]`: merge bench CSVs (one per device call, say) into
-`OUT_DIR/<stem>.csv|md|png`, grouped by file stem. A later file's row replaces an earlier one with the same label
-and sequence length; ratios, the Markdown table and the plot are recomputed from the merged rows.
+`OUT_DIR/<stem>.csv|md|png`, grouped by file stem. A later file's row replaces an earlier one of the same cell
+(label, step mode, batch, sequence length); ratios, the Markdown table and the plot are recomputed from the merged rows.
 
     python -m lorsbench.bench.merge results/efficiency/nvidia-h200 call1/*.csv call2/*.csv \\
         --note "lora, lors: median of 3 processes"
@@ -17,14 +17,14 @@ from lorsbench.bench import table
 
 
 def merge_rows(groups: Sequence[Sequence[dict[str, Any]]], reference: str = "lora") -> list[dict[str, Any]]:
-    """Rows of every group, later groups winning on (label, seq_len); the reference's rows first, then labels in
-    the order they were first seen, each by sequence length."""
+    """Rows of every group, later groups winning on the cell (`table.cell_key`); the reference's rows first, then
+    labels in the order they were first seen, each by step mode, batch and sequence length."""
     rows = [row for group in groups for row in group]
-    latest = {(row["label"], row["seq_len"]): row for row in rows}
+    latest = {table.cell_key(row): row for row in rows}
     labels = list(dict.fromkeys(row["label"] for row in rows))
     labels.sort(key=lambda label: label != reference)  # stable: keeps first-sight order among the rest
     position = {label: i for i, label in enumerate(labels)}
-    return [latest[key] for key in sorted(latest, key=lambda key: (position[key[0]], key[1]))]
+    return [latest[key] for key in sorted(latest, key=lambda key: (position[key[0]], *key[1:]))]
 
 
 def main(argv: list[str] | None = None) -> int:
