@@ -275,6 +275,12 @@ def formula(name: str, params: dict, t: dict, x: torch.Tensor, dy: torch.Tensor,
     return out.reshape(*x.shape[:-1], D_OUT), dx.reshape(x.shape), grads, merged
 
 
+def merged_formula(name: str, params: dict, t: dict, rank=None) -> torch.Tensor:
+    """The merged weight of `formula` at the (post-step) float64 copies `t`."""
+    x, dy = torch.zeros(1, D_IN, dtype=torch.float64), torch.zeros(1, D_OUT, dtype=torch.float64)
+    return formula(name, params, t, x, dy, torch.ones_like(x), rank=rank)[3](t)
+
+
 # -- one method, every module: forward, every gradient, merge after an SGD step --------------------------------
 
 CASES = [
@@ -361,11 +367,8 @@ def test_method_matches_its_formula(compose, case):
 
     if trainable:
         torch.optim.SGD(trainable, lr=LR).step()
-    expected = {}
-    for n in module_names():
-        t = {"W": base[n][0], "b": base[n][1], "M": masks[n], **float64_copy(by_module[n])}
-        expected[n] = formula(name, params, t, torch.zeros(1, D_IN, dtype=torch.float64),
-                              torch.zeros(1, D_OUT, dtype=torch.float64), torch.ones(1, D_IN, dtype=torch.float64))[3](t)
+    expected = {n: merged_formula(name, params, {"W": base[n][0], "b": base[n][1], "M": masks[n],
+                                                 **float64_copy(by_module[n])}) for n in module_names()}
     merged = method.merge(model)
     for n in module_names():
         linear = merged.get_submodule(n)
@@ -403,7 +406,7 @@ def test_sqft_nls_matches_its_formula(compose):
     t = {n: {"W": base[n][0], "b": base[n][1], "M": masks[n], **float64_copy(by_module[n])} for n in module_names()}
     p_drop = float(params["dropout"])
 
-    NO_DY = torch.zeros(*X_SHAPE[:-1], D_OUT, dtype=torch.float64)  # the merge/eval formulas ignore dY
+    no_dy = torch.zeros(*X_SHAPE[:-1], D_OUT, dtype=torch.float64)  # the merge/eval formulas ignore dY
     outputs: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
              for n in module_names()]
@@ -420,7 +423,7 @@ def test_sqft_nls_matches_its_formula(compose):
         ranks = {}
         for n in module_names():
             matches = [r for r in (space if n.rsplit(".", 1)[-1] in elastic else [r_max])
-                       if torch.allclose(outputs[n], formula("sqft", params, t[n], x, dy[..., :D_OUT], keeps[n],
+                       if torch.allclose(outputs[n], formula("sqft", params, t[n], x, no_dy, keeps[n],
                                                               rank=r)[0], rtol=0, atol=1e-12)]
             assert len(matches) == 1, f"step {step} {n}: output matches ranks {matches} of {space}"
             ranks[n] = matches[0]
@@ -445,17 +448,15 @@ def test_sqft_nls_matches_its_formula(compose):
         model(x)
     for n in module_names():
         r = merge_rank if n.rsplit(".", 1)[-1] in elastic else r_max
-        assert_rel(outputs[n], formula("sqft", params, t[n], x, NO_DY,
+        assert_rel(outputs[n], formula("sqft", params, t[n], x, no_dy,
                                        torch.ones_like(x), rank=r)[0], FORWARD_REL, f"{n} eval forward, rank {r}")
     for h in hooks:
         h.remove()
     torch.optim.SGD(trainable, lr=LR).step()
-    expected = {}
-    for n in module_names():
-        tn = {"W": base[n][0], "b": base[n][1], "M": masks[n], **float64_copy(by_module[n])}
-        r = merge_rank if n.rsplit(".", 1)[-1] in elastic else r_max
-        expected[n] = formula("sqft", params, tn, x, NO_DY, torch.ones_like(x),
-                              rank=r)[3](tn)
+    expected = {n: merged_formula("sqft", params, {"W": base[n][0], "b": base[n][1], "M": masks[n],
+                                                   **float64_copy(by_module[n])},
+                                  rank=merge_rank if n.rsplit(".", 1)[-1] in elastic else r_max)
+                for n in module_names()}
     merged = method.merge(model)
     for n in module_names():
         weight = merged.get_submodule(n).weight
