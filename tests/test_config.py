@@ -44,7 +44,7 @@ def test_every_experiment_preset_composes(compose, preset):
 def test_default_config_is_the_headline_run(compose):
     cfg = build_run_config(compose([]))
     assert cfg.model.name == "smollm2-135m" and cfg.pruning.sparsity == 0.5
-    assert cfg.eval.suite == "offline" and cfg.eval.limit is None and not cfg.smoke
+    assert cfg.eval.suite == "zeroshot7" and cfg.eval.limit is None and not cfg.smoke
 
 
 def test_smoke_preset_is_flagged(compose):

