@@ -59,7 +59,8 @@ def module_names() -> list[str]:
 
 
 def stored_masks(model: nn.Module, pattern: str, seed: int = 1) -> MaskSet:
-    """Random keep-masks (unstructured 50 %, or 2 of every 4 consecutive inputs), applied to the weights."""
+    """Random keep-masks (unstructured 50 %, or 2 of every 4 consecutive inputs), applied to the weights; the first
+    kept weight of each target is set to exactly 0, so the stored mask and `W != 0` differ (methods.md 8 item 7)."""
     g = torch.Generator().manual_seed(seed)
     masks = MaskSet()
     for name in module_names():
@@ -70,8 +71,16 @@ def stored_masks(model: nn.Module, pattern: str, seed: int = 1) -> MaskSet:
         else:
             masks[name] = scores >= scores.flatten().median()
         with torch.no_grad():
-            model.get_submodule(name).weight.mul_(masks[name])
+            weight = model.get_submodule(name).weight
+            weight.mul_(masks[name])
+            row, col = masks[name].nonzero()[0]
+            weight[row, col] = 0.0
     return masks
+
+
+def keep_of(params: dict, weight: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """The mask the method trains with: `W != 0` under `mask_source=weight` (LoRS default), else the stored one."""
+    return weight != 0 if params.get("mask_source") == "weight" else stored
 
 
 # -- the gradient-SVD estimate's data: a planted gradient per target with a clear gap after rank `GAP_RANK` ----
@@ -347,7 +356,8 @@ def test_method_matches_its_formula(compose, case):
         module = model.get_submodule(n)
         x = torch.randn(*X_SHAPE, generator=g, dtype=torch.float64).requires_grad_(True)
         dy = torch.randn(*X_SHAPE[:-1], D_OUT, generator=g, dtype=torch.float64)
-        t = {"W": base[n][0], "b": base[n][1], "M": masks[n], **float64_copy(by_module[n])}
+        t = {"W": base[n][0], "b": base[n][1], "M": keep_of(params, base[n][0], masks[n]),
+             **float64_copy(by_module[n])}
         torch.manual_seed(1000 + i)
         out = module(x)
         out.backward(dy)
@@ -367,7 +377,8 @@ def test_method_matches_its_formula(compose, case):
 
     if trainable:
         torch.optim.SGD(trainable, lr=LR).step()
-    expected = {n: merged_formula(name, params, {"W": base[n][0], "b": base[n][1], "M": masks[n],
+    expected = {n: merged_formula(name, params, {"W": base[n][0], "b": base[n][1],
+                                                 "M": keep_of(params, base[n][0], masks[n]),
                                                  **float64_copy(by_module[n])}) for n in module_names()}
     merged = method.merge(model)
     for n in module_names():
@@ -403,7 +414,8 @@ def test_sqft_nls_matches_its_formula(compose):
             by_module[n] = trainable_by_role(model.get_submodule(n), role_of)
             for role, p in by_module[n].items():
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if role == "V" else 0.05))
-    t = {n: {"W": base[n][0], "b": base[n][1], "M": masks[n], **float64_copy(by_module[n])} for n in module_names()}
+    t = {n: {"W": base[n][0], "b": base[n][1], "M": keep_of(params, base[n][0], masks[n]),
+             **float64_copy(by_module[n])} for n in module_names()}
     p_drop = float(params["dropout"])
 
     no_dy = torch.zeros(*X_SHAPE[:-1], D_OUT, dtype=torch.float64)  # the merge/eval formulas ignore dY
@@ -453,7 +465,8 @@ def test_sqft_nls_matches_its_formula(compose):
     for h in hooks:
         h.remove()
     torch.optim.SGD(trainable, lr=LR).step()
-    expected = {n: merged_formula("sqft", params, {"W": base[n][0], "b": base[n][1], "M": masks[n],
+    expected = {n: merged_formula("sqft", params, {"W": base[n][0], "b": base[n][1],
+                                                   "M": keep_of(params, base[n][0], masks[n]),
                                                    **float64_copy(by_module[n])},
                                   rank=merge_rank if n.rsplit(".", 1)[-1] in elastic else r_max)
                 for n in module_names()}

@@ -1,6 +1,6 @@
 """Plant each bug of issue 14 §6 in methods/, run the formula tests, record which tests fail, restore the file.
 
-Not collected by pytest and not part of CI (about six minutes on two cores):
+Not collected by pytest and not part of CI (one to ten minutes on two cores, with the machine's load):
     OMP_NUM_THREADS=1 .venv/bin/python tests/mutation/plant_bugs.py [--tests tests/test_methods_formulas.py]
 Prints a Markdown table (the one in tests/README.md). Every file is restored byte for byte, also on Ctrl-C.
 """
@@ -39,7 +39,8 @@ PLANTS = [
      "SQFT dropout applied to the input of both branches"),
     ("dropout-removed-spp", "methods/spp.py", "nn.Dropout(dropout) if dropout > 0 else nn.Identity()",
      "nn.Identity()", "SPP adapter dropout removed"),
-    ("dropout-on-base-spp", "methods/spp.py", "        base = F.linear(x, self.weight, self.bias)\n        xd = self.dropout(x)\n",
+    ("dropout-on-base-spp", "methods/spp.py",
+     "        base = F.linear(x, self.weight, self.bias)\n        xd = self.dropout(x)\n",
      "        xd = self.dropout(x)\n        base = F.linear(xd, self.weight, self.bias)\n",
      "SPP dropout applied to the base branch too (same mask)"),
     ("dropout-removed-slope", "methods/slope.py", "nn.Dropout(dropout) if dropout > 0 else nn.Identity()",
