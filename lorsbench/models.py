@@ -8,9 +8,12 @@ model is neither cached nor reachable.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
@@ -27,9 +30,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from lorsbench.cache import FetchError, fetch_pypi_artifact
+from lorsbench.cache import FetchError, digest_problem, fetch_pypi_artifact, file_digest
 from lorsbench.config import ModelConfig
 from lorsbench.data.tokenizers import byte_tokenizer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_PRETRAINED = "pretrained"
 WEIGHTS_RANDOM = "random"
@@ -47,6 +52,9 @@ class LoadedModel:
     tokenizer: transformers.PreTrainedTokenizerBase  # pad_token set, right padding
     weights: str  # "pretrained" | "random"
     source: str  # human-readable origin: wheel+GGUF member, HF id, folder, or "random:<name>"
+    # Content digest of the weights (sha256 of the weight files, the hub commit, or of the random architecture):
+    # what the pruning cache is keyed on, so a moved or shared cache still hits.
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,18 +106,90 @@ def _load_bundled(config: ModelConfig, dtype: torch.dtype, device: torch.device,
             "Use source=hf with model.path=<HF id or folder> for other models."
         )
     folder = bundled_folder(config.name, cache_dir)
-    if not _bundled_cache_valid(folder, spec):
-        _convert_bundled(config.name, spec, folder, cache_dir)
-    model, tokenizer = _from_folder(folder, dtype, device, config.attn_implementation, local_only=True)
-    return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, f"{spec.requirement}:{spec.member} (cached as {folder})")
+    _clean_dead_tmp(folder)  # only folders of dead processes: safe without the lock
+    problem = _bundled_problem(folder, spec)  # verifies every weight file's sha256 (README "Caches")
+    if problem is not None:
+        with _file_lock(folder.parent / f".{folder.name}.lock"):  # concurrent first runs: one converts
+            problem = _bundled_problem(folder, spec)  # another process may have converted it meanwhile
+            if problem is not None:
+                if folder.exists():
+                    log.warning("cached model %s is unusable (%s); converting it again", folder, problem)
+                _convert_bundled(config.name, spec, folder, cache_dir)
+    model, tokenizer = _from_folder(folder, dtype, device, config.attn_implementation, local_only=True,
+                                    name=config.name)
+    return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, f"{spec.requirement}:{spec.member} (cached as {folder})",
+                       digest=_files_digest(_read_meta(folder).get("files") or {}))
 
 
-def _bundled_cache_valid(folder: Path, spec: BundledModel) -> bool:
+def _read_meta(folder: Path) -> dict:
     try:
         meta = json.loads((folder / _METADATA_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return meta.get("wheel_sha256") == spec.wheel_sha256 and meta.get("member") == spec.member
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _files_digest(files: dict[str, dict]) -> str:
+    """One digest over the weight files' digests (their names and sha256s)."""
+    payload = json.dumps({name: d.get("sha256") for name, d in sorted(files.items())}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _bundled_problem(folder: Path, spec: BundledModel) -> str | None:
+    """None when the converted folder is from this wheel and every weight file is as written; else why not."""
+    meta = _read_meta(folder)
+    if not meta:
+        return f"no readable {_METADATA_FILE} in {folder}"
+    if meta.get("wheel_sha256") != spec.wheel_sha256 or meta.get("member") != spec.member:
+        return f"{folder} was converted from another wheel or member"
+    return digest_problem(folder, meta.get("files") or {})
+
+
+def _bundled_cache_valid(folder: Path, spec: BundledModel) -> bool:
+    return _bundled_problem(folder, spec) is None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on `path` (no lock where fcntl or the filesystem has none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # some network filesystems refuse locks
+            pass
+        yield
+
+
+def _tmp_name(folder: Path) -> str:
+    return f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _clean_dead_tmp(folder: Path) -> None:
+    """Remove `.<name>.tmp-<host>-<pid>` conversion folders left by dead processes of this host (SIGKILL, OOM);
+    the older `.<name>.tmp-<pid>` form too. A live process's folder is never touched."""
+    host = socket.gethostname()
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        tail = tmp.name.removeprefix(f".{folder.name}.tmp-")
+        owner, _, pid = tail.rpartition("-")
+        if not pid.isdigit() or (owner and owner != host):
+            continue
+        if not owner and time.time() - tmp.stat().st_mtime < 3600:
+            continue  # the older form names no host: its pid may be another machine's (shared cache)
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: still converting
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        log.warning("removing %s, left by a conversion whose process %s is gone", tmp, pid)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_bundled(name: str, spec: BundledModel, folder: Path, cache_dir: Path) -> None:
@@ -123,7 +203,7 @@ def _convert_bundled(name: str, spec: BundledModel, folder: Path, cache_dir: Pat
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    tmp = folder.parent / _tmp_name(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         gguf_dir = tmp / "_gguf"
@@ -152,12 +232,11 @@ def _convert_bundled(name: str, spec: BundledModel, folder: Path, cache_dir: Pat
         meta = {
             "source": spec.requirement, "wheel": spec.wheel, "wheel_sha256": spec.wheel_sha256,
             "member": spec.member, "saved_dtype": "float32", "transformers": transformers.__version__,
+            "files": {p.name: file_digest(p) for p in sorted(tmp.glob("*.safetensors"))},
         }
         (tmp / _METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         del model
-        if _bundled_cache_valid(folder, spec):  # a concurrent conversion finished first
-            return
-        if folder.exists():  # stale (other wheel/sha): replace it
+        if folder.exists():  # stale or damaged (the caller holds the conversion lock): replace it
             stale = folder.parent / f".{folder.name}.stale-{os.getpid()}"
             os.rename(folder, stale)
             shutil.rmtree(stale, ignore_errors=True)
@@ -226,17 +305,16 @@ def _load_hf(config: ModelConfig, dtype: torch.dtype, device: torch.device, cach
                 f"model '{config.name}': {local} has no config.json; model.path must be a folder written by "
                 "save_pretrained (config.json, weights, tokenizer files) or an HF id"
             )
-        try:
-            model, tokenizer = _from_folder(local, dtype, device, config.attn_implementation, local_only=True)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"model '{config.name}': could not load the folder {local}: {err}") from err
-        return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, str(local.resolve()))
+        model, tokenizer = _from_folder(local, dtype, device, config.attn_implementation, local_only=True,
+                                        name=config.name)
+        files = {p.name: file_digest(p) for p in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin"))}
+        return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, str(local.resolve()), digest=_files_digest(files))
     if _looks_like_local_path(path):
         raise ModelLoadError(f"model '{config.name}': local folder {local} does not exist (model.path={path!r})")
     try:  # the HF cache first: works offline and costs no network round trip
         with hub_offline():
             model, tokenizer = _from_folder(path, dtype, device, config.attn_implementation, local_only=True)
-        return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, f"hf:{path}")
+        return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, f"hf:{path}", digest=_hub_digest(path, model))
     except (OSError, ValueError) as cache_miss:
         miss = cache_miss
     if not hub_reachable():
@@ -253,7 +331,13 @@ def _load_hf(config: ModelConfig, dtype: torch.dtype, device: torch.device, cach
             f"model '{config.name}': could not load '{path}' from the Hugging Face hub: {err}. Check the id "
             "(and `hf auth login` for gated models such as meta-llama/*)."
         ) from err
-    return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, f"hf:{path}")
+    return LoadedModel(model, tokenizer, WEIGHTS_PRETRAINED, f"hf:{path}", digest=_hub_digest(path, model))
+
+
+def _hub_digest(path: str, model: transformers.PreTrainedModel) -> str:
+    """The hub commit names the files' content (git); without one, the id (then the cache key is not content)."""
+    commit = getattr(model.config, "_commit_hash", None)
+    return hashlib.sha256(f"hf:{path}@{commit}".encode()).hexdigest()
 
 
 def _looks_like_local_path(path: str) -> bool:
@@ -271,8 +355,21 @@ def _env_true(key: str) -> bool:
 
 
 def _from_folder(path: str | Path, dtype: torch.dtype, device: torch.device, attn_implementation: str,
-                 local_only: bool) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """from_pretrained for model and tokenizer; placed on `device` directly when accelerate is available."""
+                 local_only: bool, name: str | None = None,
+                 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """from_pretrained for model and tokenizer; placed on `device` directly when accelerate is available.
+
+    For a local folder (`name` given) any failure is a ModelLoadError naming the folder's weight files and the fix."""
+    if name is not None:
+        try:
+            return _from_folder(path, dtype, device, attn_implementation, local_only)
+        except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+            weights = ", ".join(str(p) for p in sorted(Path(path).glob("*.safetensors"))) or f"the files in {path}"
+            raise ModelLoadError(
+                f"model '{name}': could not load {weights} ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
+                "The folder is damaged or incomplete (e.g. a truncated copy): save or copy it again "
+                "(a bundled model's folder: delete it and it is converted again on the next run)."
+            ) from err
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "local_files_only": local_only}
     direct = device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
     if direct:
@@ -318,7 +415,9 @@ def _load_random(config: ModelConfig, dtype: torch.dtype, device: torch.device, 
         model = AutoModelForCausalLM.from_config(
             llama_config, dtype=dtype, attn_implementation=config.attn_implementation
         )
-    return LoadedModel(model, tokenizer, WEIGHTS_RANDOM, f"random:{config.name}")
+    # random init draws depend on torch's generators: its version is part of what the weights are
+    arch_digest = hashlib.sha256(json.dumps([arch, torch.__version__], sort_keys=True).encode()).hexdigest()
+    return LoadedModel(model, tokenizer, WEIGHTS_RANDOM, f"random:{config.name}", digest=f"random:{arch_digest}")
 
 
 def _ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> None:

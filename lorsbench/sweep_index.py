@@ -11,7 +11,8 @@ The index is rewritten when each job ends (`on_job_end`, in the job's process: w
 worker or a cluster node sharing the filesystem) and once more when the multirun ends (`final: true`). Both matter:
 Hydra 1.3 skips `on_multirun_end` when any job raised, and lorsbench raises in a failed multirun job so that Hydra
 marks it failed. Each write scans the sweep folder under a file lock, so the last writer sees every job's final
-`run.json`. A job folder without `run.json` is listed as `no_record` (the job died before writing one).
+`run.json`. A job folder without `run.json` is listed as `no_record` (the job died before writing one); a job
+that `resume=true` skipped (its folder already held a success record) has `skipped: true`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lorsbench.records import RECORD_FILE, write_json_atomic
+
+SKIPPED = "skipped"  # what lorsbench.__main__.main returns for a job that resume=true skipped
 
 INDEX_FILE = "sweep_index.json"
 LOCK_FILE = ".sweep_index.lock"
@@ -75,10 +78,11 @@ def build_index(sweep_dir: str | Path, final: bool = False, previous: dict | Non
     """Scan `sweep_dir` for job folders (those holding `.hydra/`) and read each job's run.json."""
     sweep_dir = Path(sweep_dir)
     jobs = [_job(h.parent, sweep_dir) for h in sweep_dir.rglob(".hydra") if h.is_dir() and h.parent != sweep_dir]
-    hydra_status = {j["dir"]: j.get("hydra_status") for j in (previous or {}).get("jobs", [])}
+    carried = {j["dir"]: j for j in (previous or {}).get("jobs", [])}
     for job in jobs:
-        if hydra_status.get(job["dir"]):
-            job["hydra_status"] = hydra_status[job["dir"]]
+        for key in ("hydra_status", "skipped"):
+            if carried.get(job["dir"], {}).get(key):
+                job[key] = carried[job["dir"]][key]
     jobs.sort(key=lambda j: (j["num"] is None, j["num"] if j["num"] is not None else 0, j["dir"]))
     counts: dict[str, int] = {}
     for job in jobs:
@@ -89,8 +93,8 @@ def build_index(sweep_dir: str | Path, final: bool = False, previous: dict | Non
 
 
 def write_index(sweep_dir: str | Path, final: bool = False, job_dir: str | Path | None = None,
-                hydra_status: str | None = None) -> Path:
-    """Rebuild the index under the lock; `job_dir`/`hydra_status` record what Hydra said of the job just ended."""
+                hydra_status: str | None = None, skipped: bool = False) -> Path:
+    """Rebuild the index under the lock; `job_dir`/`hydra_status`/`skipped` record the job just ended."""
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path = sweep_dir / INDEX_FILE
@@ -105,6 +109,9 @@ def write_index(sweep_dir: str | Path, final: bool = False, job_dir: str | Path 
             for job in index["jobs"]:
                 if job["dir"] == rel:
                     job["hydra_status"] = hydra_status
+                    job.pop("skipped", None)
+                    if skipped:
+                        job["skipped"] = True
         write_json_atomic(path, index)
     return path
 
@@ -118,7 +125,9 @@ class SweepIndexCallback(Callback):
             return
         status = getattr(job_return, "status", None)
         write_index(hydra_cfg.hydra.sweep.dir, job_dir=hydra_cfg.hydra.runtime.output_dir,
-                    hydra_status=getattr(status, "name", None))
+                    hydra_status=getattr(status, "name", None),
+                    # the private field: JobReturn.return_value re-raises a failed job's exception
+                    skipped=getattr(job_return, "_return_value", None) == SKIPPED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         write_index(config.hydra.sweep.dir, final=True)

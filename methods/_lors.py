@@ -36,11 +36,17 @@ def _mask_or_nonzero(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return weight != 0 if mask is None else mask
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, without the dispatcher round trip of a no-op `.to` (eager steps are host-bound)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _effective_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None,
                       scaling: float) -> torch.Tensor:
-    """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (methods.md 5.1)."""
+    """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (methods.md 5.1); U and V
+    already in that dtype cost no cast."""
     dtype = weight.dtype
-    return torch.addmm(weight, U.to(dtype), V.to(dtype), alpha=scaling).mul_(_mask_or_nonzero(weight, mask))
+    return torch.addmm(weight, _as(U, dtype), _as(V, dtype), alpha=scaling).mul_(_mask_or_nonzero(weight, mask))
 
 
 class _LoRSFunction(torch.autograd.Function):
@@ -50,32 +56,36 @@ class _LoRSFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, U, V, mask, bias, scaling: float, exact: bool, grad_scale: float,
                 kernel: str = "torch"):
-        if kernel != "torch":  # one-pass or in-GEMM W_eff (methods/_lors_triton.py)
+        if kernel != "torch":  # one-pass or in-GEMM W_eff (methods/_lors_triton.py): it reads fp32 U, V itself
             out = _lors_triton.forward(kernel, x, weight, U, V, mask, scaling, bias)
+            u, v = U, V
         else:
-            w_eff = _effective_weight(weight, U, V, mask, scaling)
-            out = F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            # U, V cast once to the weight's dtype and saved: backward's W_eff rebuild reuses them (no re-cast)
+            u, v = U.to(weight.dtype), V.to(weight.dtype)
+            w_eff = _as(_effective_weight(weight, u, v, mask, scaling), x.dtype)
+            out = F.linear(x, w_eff, None if bias is None else _as(bias, x.dtype))
             del w_eff
-        ctx.save_for_backward(x, weight, U, V, mask)
+        ctx.save_for_backward(x, weight, u, v, mask)
         ctx.scaling, ctx.exact, ctx.grad_scale, ctx.kernel = scaling, exact, grad_scale, kernel
         ctx.has_bias = bias is not None
+        ctx.factor_dtypes = U.dtype, V.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, U, V, mask = ctx.saved_tensors
+        x, weight, U, V, mask = ctx.saved_tensors  # U, V: the factors, cast to W's dtype on the torch path
         need_x, _, need_u, need_v, _, need_b = ctx.needs_input_grad[:6]
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        u, v = U.to(dtype), V.to(dtype)
+        dy = _as(grad_out.reshape(-1, grad_out.shape[-1]), dtype)
         dx = du = dv = db = None
         if need_x and ctx.kernel != "torch":
             dx = _lors_triton.grad_input(ctx.kernel, dy, weight, U, V, mask, ctx.scaling).reshape(x.shape)
         elif need_x:
-            w_eff = _effective_weight(weight, U, V, mask, ctx.scaling).to(dtype)
+            w_eff = _as(_effective_weight(weight, U, V, mask, ctx.scaling), dtype)
             dx = (dy @ w_eff).reshape(x.shape)
             del w_eff
+        u, v = _as(U, dtype), _as(V, dtype)  # no cast where the torch path saved them in x's dtype
         if need_u or need_v:
             if ctx.exact:
                 # dU = s (G⊙M) Vᵀ, dV = s Uᵀ (G⊙M): G = dYᵀX is formed once (methods.md 5.6).
@@ -92,8 +102,10 @@ class _LoRSFunction(torch.autograd.Function):
                     dv = None if dv is None else dv.mul_(ctx.grad_scale)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return dx, None, cast(du, U), cast(dv, V), None, db, None, None, None, None
+        u_dtype, v_dtype = ctx.factor_dtypes
+        du = None if du is None else _as(du, u_dtype)
+        dv = None if dv is None else _as(dv, v_dtype)
+        return dx, None, du, dv, None, db, None, None, None, None
 
 
 def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None,
@@ -120,16 +132,26 @@ class LoRSLinear(AdapterLinear):
     def __init__(self, base: nn.Linear, mask: torch.Tensor, rank: int, scaling: float, exact: bool,
                  grad_scale: float, V_init: torch.Tensor, kernel: str = "torch", mask_source: str = "stored"):
         super().__init__(base, mask, keep_mask=mask_source == "stored")
+        _lors_triton.check_kernel(kernel)
         self.kernel = kernel
-        self.scaling = scaling
-        self.exact = exact
-        self.grad_scale = grad_scale
+        self.scaling = float(scaling)
+        self.exact = bool(exact)
+        self.grad_scale = float(grad_scale)
+        self._resolved: dict[tuple[torch.device, torch.dtype], str] = {}
         self.lora_U = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32))
         self.lora_V = nn.Parameter(V_init.to(torch.float32).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lors_linear(x, self.weight, self.lora_U, self.lora_V, self.mask, self.scaling, self.bias,
-                           exact=self.exact, grad_scale=self.grad_scale, kernel=self.kernel)
+        # `lors_linear` minus its per-call work: the kernel is resolved once per input device and dtype and the
+        # scalars were typed at construction (batch-1 eager steps are bound by host work per layer).
+        if self.weight.requires_grad:
+            raise ValueError("LoRSLinear keeps the base weight frozen; it cannot produce a gradient for W")
+        key = (x.device, x.dtype)
+        kernel = self._resolved.get(key)
+        if kernel is None:
+            kernel = self._resolved[key] = _lors_triton.resolve_kernel(self.kernel, x)
+        return _LoRSFunction.apply(x, self.weight, self.lora_U, self.lora_V, self.mask, self.bias, self.scaling,
+                                   self.exact, self.grad_scale, kernel)
 
     def merged_weight(self) -> torch.Tensor:
         """`W' = (W + s U V) ⊙ M` (methods.md 5.1 merge); exact zeros where the stored mask is False."""

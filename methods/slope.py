@@ -130,6 +130,7 @@ class SLoPeLinear(AdapterLinear):
 @register_method("slope")
 class SLoPe(Method):
     preserves_sparsity = False  # the base stays 2:4 during training; the merged HF model is dense
+    required_pattern = (2, 4)  # checked at the config edge, before the model loads
 
     @dataclass(frozen=True)
     class Config:

@@ -237,6 +237,8 @@ class SQFT(Method):
                 if elastic:
                     hook = partial(_sample_layer_rank, elastic, tuple(c.nls_space), rng)
                     self._hooks.append(layer.register_forward_pre_hook(hook))
+                    # a CUDA graph would replay the ranks drawn at capture (lorsbench/training.py)
+                    layer.cuda_graph_unsupported = "NLS draws each layer's rank on the host every forward"
         return trainable
 
     def merge(self, model: nn.Module) -> nn.Module:

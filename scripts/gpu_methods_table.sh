@@ -10,7 +10,8 @@
 # are taken with JOBS processes sharing the GPU: use them for nothing. How the lent machine gets the model, the
 # data and the wheels: notes/gpu.md.
 set -u
-JOBS=${JOBS:-12}
+JOBS=${JOBS:-12}            # training-only jobs (the lr sweep) at once
+EVAL_JOBS=${EVAL_JOBS:-6}  # 15 full-suite lm-eval processes at batch 32 overfilled a 139 GiB H200 (results/methods/lr_sweep)
 OUTPUT=${LORSBENCH_OUTPUT:?set LORSBENCH_OUTPUT}
 STAGE=${STAGE:?set STAGE=lr or STAGE=methods}
 DEADLINE_S=${DEADLINE_S:-480}
@@ -36,7 +37,7 @@ EOF
 
 job() {  # one job: a preset and the overrides that pin every swept key
   preset=$1; shift
-  name=$(echo "$*" | tr ' =' '_-')
+  name=$(echo "$*" | tr ' =/' '_-_')
   $PY -m lorsbench "experiment=$preset" "$@" "hydra.sweep.dir=$OUTPUT/$preset/$name" > "$OUTPUT/logs/$preset-$name.log" 2>&1
   echo "[$(( $(date +%s) - start )) s] rc $? $preset $*"
 }
@@ -45,9 +46,9 @@ run_jobs() { timeout $(( DEADLINE_S - ($(date +%s) - start) )) xargs -P "$JOBS" 
 
 if [ "$STAGE" = lr ]; then
   {
-    for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact; do for lr in 5e-5 2e-4 1e-3; do
+    for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact losa; do for lr in 2e-4 1e-3 4e-3; do
       echo "lr_sweep method=$method pattern=$pattern trainer.lr=$lr"; done; done; done
-    for lr in 5e-5 2e-4 1e-3; do
+    for lr in 2e-4 1e-3 4e-3; do
       echo "lr_sweep method=slope pattern=2of4 trainer.lr=$lr"
       echo "lr_sweep pruning=none method=lora pattern=unstructured trainer.lr=$lr"
     done
@@ -61,15 +62,15 @@ if [ "$STAGE" = lr ]; then
       echo "methods_table pruning=none method=lora pattern=unstructured seed=$seed trainer.lr_from=$LR_CHOICE"
     done
     echo "methods_table pruning=none method=none pattern=unstructured seed=0 trainer.lr_from=$LR_CHOICE"
-  } | run_jobs
+  } | JOBS=$EVAL_JOBS run_jobs
 else
   {
     for seed in $SEEDS; do
-      for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact; do
+      for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact losa; do
         echo "methods_table method=$method pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done; done
       echo "methods_table method=slope pattern=2of4 seed=$seed trainer.lr_from=$LR_CHOICE"
     done
-  } | run_jobs
+  } | JOBS=$EVAL_JOBS run_jobs
 fi
 wait
 echo "stage $STAGE done in $(( $(date +%s) - start )) s"

@@ -190,3 +190,11 @@ def test_merge_lets_later_calls_win_and_recomputes_ratios(tmp_path):
     assert "- seen twice" in (tmp_path / "out" / "m_2of4.md").read_text()
     with pytest.raises(SystemExit):
         merge.main([str(tmp_path / "out"), str(tmp_path / "nope.csv")])
+
+
+def test_bench_row_says_which_step_mode_ran():
+    eager = step.run_step(_spec("lora"))
+    graph = step.run_step(_spec("lora", cuda_graph=True))
+    assert (eager.step_mode, eager.cuda_graph_fallback) == ("eager", None)
+    assert (graph.step_mode, graph.cuda_graph_fallback) == ("eager", "no CUDA device")  # device=cpu
+    assert {"step_mode", "cuda_graph_fallback"} <= set(table.COLUMNS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lorsbench.config import ConfigError, build_run_config
+from lorsbench.config_checks import check_run_config
 from tests.conftest import CONF_DIR
 
 GROUPS = ["model", "pruning", "pattern", "method", "data", "trainer", "eval", "profile", "paths"]
@@ -72,7 +73,7 @@ def test_dense_reference_ignores_sparsity(compose):
                                       ("model.source=nope", "model source"), ("pattern.m=3", "pattern")])
 def test_unknown_names_list_the_valid_ones(compose, key, kind):
     with pytest.raises(ConfigError) as err:
-        build_run_config(compose([key]))
+        check_run_config(build_run_config(compose([key])))  # registry names: lorsbench.config_checks
     message = str(err.value)
     assert kind in message
     if kind in ("method", "pruner"):
@@ -111,6 +112,6 @@ def test_unknown_method_option_is_clear(compose):
     (["pruning=sparsegpt", "pattern=2of4", "pruning.blocksize=6"], "multiple of m=4"),
 ])
 def test_bad_pruner_options_fail_at_the_config_edge(compose, overrides, message):
-    """Pruner options are checked when the config is built, before any model is loaded."""
+    """Pruner options are checked at the config edge (config_checks), before any model is loaded."""
     with pytest.raises(ConfigError, match=message):
-        build_run_config(compose(overrides))
+        check_run_config(build_run_config(compose(overrides)))

@@ -2,6 +2,9 @@
 real bundled SmolLM2 default answering a factual question."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 import time
 from pathlib import Path
@@ -134,6 +137,11 @@ def test_bundled_unknown_name_and_cache_marker(tmp_path):
     assert not _bundled_cache_valid(folder, spec)
     (folder / "lorsbench_source.json").write_text(
         '{"wheel_sha256": "%s", "member": "%s"}' % (spec.wheel_sha256, spec.member))
+    assert not _bundled_cache_valid(folder, spec)  # no file digests (an older lorsbench): converted again
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "lorsbench_source.json").write_text(json.dumps({
+        "wheel_sha256": spec.wheel_sha256, "member": spec.member,
+        "files": {"model.safetensors": {"bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}}}))
     assert _bundled_cache_valid(folder, spec)
 
 

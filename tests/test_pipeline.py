@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorsbench.config import build_run_config
 from lorsbench.data.tokenizers import byte_tokenizer
 from lorsbench.pipeline import run_pipeline
-from lorsbench.records import read_record
+from lorsbench.records import read_record, unknown_fields, validate_record
 from tests.conftest import REPO
 
 TASK_YAML = """task: tiny_mc
@@ -62,7 +62,7 @@ def tiny_assets(tmp_path_factory):
 def _overrides(assets, tmp_path, *extra):
     return [
         "model=hf", f"model.path={assets['model']}", "dtype=float32", "device=cpu",
-        "data=local", f"data.path={assets['data']}",
+        "data=local", f"data.path={assets['data']}", "data.heldout_examples=4",
         "eval=local", f"eval.include_path={assets['tasks']}", "eval.tasks=[tiny_mc]", "eval.batch_size=4",
         "eval.perplexity.max_tokens=600", "eval.perplexity.window=128", "eval.perplexity.stride=128",
         "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.seq_len=32", "trainer.warmup_steps=1",
@@ -78,6 +78,7 @@ def test_run_json_has_every_field(compose, tiny_assets, tmp_path):
     assert record["status"] == "success", record.get("error")
     on_disk = read_record(out)
     assert on_disk == json.loads(json.dumps(on_disk))  # plain JSON
+    assert validate_record(on_disk) == [] and unknown_fields(on_disk) == []  # records.RecordFields is the schema
     # identity and factors
     for key in ("schema_version", "run_name", "started_at", "finished_at", "wall_s", "model", "pruner", "pattern",
                 "target_sparsity", "method", "method_config", "preserves_sparsity", "seed", "dtype", "device",

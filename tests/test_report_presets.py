@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from lorsbench.config import build_run_config
 from tests.conftest import CONF_DIR
 
-PRESETS = {"main_table": 72, "main_table_slope": 6, "main_table_dense": 6, "sparsity_sweep": 30, "rank_sweep": 8}
+PRESETS = {"main_table": 84, "main_table_slope": 6, "main_table_dense": 6, "sparsity_sweep": 30, "rank_sweep": 8}
 
 
 def _axes(params: dict) -> dict[str, list[str]]:
@@ -46,7 +46,7 @@ def test_preset_is_a_multirun_of_valid_jobs(preset, n_jobs):
 def test_main_table_grid():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         params = compose("config", overrides=["experiment=main_table"], return_hydra_config=True).hydra.sweeper.params
-    assert params["method"].split(",") == ["none", "lora", "spp", "sqft", "lors", "lors_exact"]
+    assert params["method"].split(",") == ["none", "lora", "spp", "sqft", "lors", "lors_exact", "losa"]
     assert params["pruning"].split(",") == ["wanda", "sparsegpt"]
     assert params["pattern"].split(",") == ["unstructured", "2of4"]
     assert str(params["seed"]).split(",") == ["0", "1", "2"]

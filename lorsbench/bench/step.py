@@ -55,6 +55,7 @@ class StepSpec:
     dtype: str = "bfloat16"
     device: str = "cuda"
     targets: tuple[str, ...] = TARGETS
+    cuda_graph: bool = False  # trainer.cuda_graph: capture the step once, replay it
 
 
 @dataclass
@@ -83,6 +84,8 @@ class StepRow:
     trainable_params: int | None = None
     tokens_per_s: float | None = None
     final_loss: float | None = None
+    step_mode: str | None = None  # eager | cuda_graph (TrainResult.step_mode)
+    cuda_graph_fallback: str | None = None  # why cuda_graph ran eagerly
     method_config: dict[str, Any] = field(default_factory=dict)
     gpu: str | None = None
     torch_version: str = torch.__version__
@@ -238,7 +241,8 @@ def run_step(spec: StepSpec) -> StepRow:
         row.trainable_params = sum(p.numel() for p in params)
         phase = "train"
         trainer = TrainerConfig(max_steps=spec.warmup_steps + spec.measured_steps, micro_batch_size=spec.batch_size,
-                                grad_accum=1, seq_len=spec.seq_len, lr=1e-5, warmup_steps=0, max_grad_norm=1.0)
+                                grad_accum=1, seq_len=spec.seq_len, lr=1e-5, warmup_steps=0, max_grad_norm=1.0,
+                                cuda_graph=spec.cuda_graph)
         batches = fixed_batches(model.config.vocab_size, spec.batch_size, spec.seq_len, device, spec.seed)
         with PhaseMeter("train", device) as meter:
             result = train(model, params, batches, trainer, ProfileConfig(warmup_steps=spec.warmup_steps), device)
@@ -250,6 +254,7 @@ def run_step(spec: StepSpec) -> StepRow:
             row.peak_alloc_gib = stats.peak_rss_gib
         row.step_ms_median, row.step_ms_p90 = result.step_ms_median, result.step_ms_p90
         row.measured_steps, row.tokens_per_s, row.final_loss = result.measured_steps, result.tokens_per_s, result.final_loss
+        row.step_mode, row.cuda_graph_fallback = result.step_mode, result.cuda_graph_fallback
         if spec.profiled_steps > 0:
             phase = "kernel_time"
             profiled = replace(trainer, max_steps=2 + spec.profiled_steps)
@@ -283,13 +288,14 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=StepSpec.seed)
     parser.add_argument("--dtype", default=StepSpec.dtype)
     parser.add_argument("--device", default=StepSpec.device)
+    parser.add_argument("--cuda-graph", action="store_true", help="trainer.cuda_graph=true (CUDA; else recorded fallback)")
 
 
 def spec_from_args(args: argparse.Namespace, method: str, seq_len: int) -> StepSpec:
     return StepSpec(model=args.model, pattern=args.pattern, sparsity=args.sparsity, method=method, seq_len=seq_len,
                     batch_size=args.batch_size, rank=args.rank, warmup_steps=args.warmup,
                     measured_steps=args.steps, profiled_steps=args.profiled_steps, seed=args.seed, dtype=args.dtype,
-                    device=args.device)
+                    device=args.device, cuda_graph=args.cuda_graph)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from lorsbench.records import write_text_atomic
 COLUMNS = ("label", "method", "model", "pattern", "sparsity", "seq_len", "batch_size", "dtype", "status", "step_ms_median",
            "step_ms_p90", "time_vs_ref", "gpu_kernel_ms", "kernel_vs_ref", "peak_alloc_gib", "mem_vs_ref", "peak_reserved_gib", "static_alloc_gib",
            "saved_activations_gib", "trainable_params", "tokens_per_s", "measured_steps", "gpu", "torch_version",
-           "triton_version", "date_utc", "step_ms_runs", "error", "method_config")
+           "triton_version", "date_utc", "step_ms_runs", "step_mode", "cuda_graph_fallback", "error", "method_config")
 
 
 def slug(text: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,7 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from lorsbench.cache import digest_problem, file_digest
 from lorsbench.data.bigbench import ensure_tasks
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the prompt format or JSONL schema changes: the cache key changes with it
 SHUFFLE_SEED = 1234  # fixed for every run, so every run scores the same documents in the same choice order
@@ -181,7 +185,13 @@ def convert_suite(tasks: list[str] | tuple[str, ...], cache_dir: Path, max_examp
     root = Path(cache_dir).expanduser().resolve() / "eval_tasks" / "bigbench" / key
     manifest = root / MANIFEST
     if manifest.exists():
-        return _read_manifest(manifest, root)
+        problem = _suite_problem(manifest, root)
+        if problem is None:
+            return _read_manifest(manifest, root)
+        log.warning("converted eval suite %s is unusable (%s); converting it again", root, problem)
+        aside = root.with_name(f".{root.name}.damaged-{os.getpid()}")
+        os.replace(root, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
     sources = ensure_tasks(tasks, Path(cache_dir))
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -212,10 +222,11 @@ def convert_suite(tasks: list[str] | tuple[str, ...], cache_dir: Path, max_examp
             ))
         suite = ConvertedSuite(include_path=root, key=key, seed=seed, max_examples_per_task=max_examples_per_task,
                                tasks=tuple(converted))
+        files = {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         with open(staging / MANIFEST, "w") as handle:
             json.dump({"format": FORMAT_VERSION, "key": key, "seed": seed,
                        "max_examples_per_task": max_examples_per_task,
-                       "tasks": [asdict(t) for t in converted]}, handle, indent=2)
+                       "tasks": [asdict(t) for t in converted], "files": files}, handle, indent=2)
         try:
             os.replace(staging, root)
         except OSError:  # another process finished the same conversion first; its files are identical
@@ -225,6 +236,15 @@ def convert_suite(tasks: list[str] | tuple[str, ...], cache_dir: Path, max_examp
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return _read_manifest(manifest, root)
+
+
+def _suite_problem(manifest: Path, root: Path) -> str | None:
+    """None when the manifest reads and every converted file is as written (sizes and sha256s); else why not."""
+    try:
+        files = json.loads(manifest.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{manifest}: {exc}"
+    return digest_problem(root, files or {})
 
 
 def _read_manifest(manifest: Path, root: Path) -> ConvertedSuite:

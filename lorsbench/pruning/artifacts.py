@@ -1,14 +1,18 @@
 """Pruning results as cached artifacts (DESIGN.md "Masks are artifacts").
 
 One cache entry per (model_key, pruner, resolved pruner options, pattern, sparsity, targets, weight dtype,
-calibration config incl. its seed) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:
+calibration config incl. its seed, and the per-layer rates when a prune schedule sets them) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:
 
 - `masks.safetensors`   bool keep-mask per target linear (`MaskSet.save`, bit-exact);
 - `weights.safetensors` the pruned target weights, only for pruners that change kept weights (SparseGPT).
   For magnitude and Wanda the pruned weights are exactly W * mask, so only the masks are stored and the weights
   are rebuilt from the loaded model (the stored weight checksum then also proves the base model is the same);
 - `meta.json`           the key fields, the key, `mask_digest` (MaskSet.digest), `weights_sha256` (of the pruned
-  target weights), the original `prune_wall_s`, the sparsity report, versions.
+  target weights), `others_sha256` (of every other tensor of the model: embeddings, norms, head, which calibrated
+  pruners' activations flow through), the original `prune_wall_s`, the sparsity report, versions.
+
+`model_key` is content-based (the pipeline passes the model's weight digest, `LoadedModel.digest`), so a moved or
+shared cache still hits.
 
 Entries are written in a temporary folder and renamed into place, so a reader sees a whole entry or none. On a hit
 everything is verified before the model is touched (key fields, mask digest, names, shapes, dtypes, weight
@@ -35,15 +39,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorsbench.config import ConfigError, PruningConfig
+from lorsbench.config import PruningConfig
+from lorsbench.errors import Batch, ConfigError
 from lorsbench.modules import target_linears
 from lorsbench.pruning import build_pruner
-from lorsbench.pruning.base import Batch, Pruner
+from lorsbench.pruning.base import Pruner
 from lorsbench.pruning.masks import MaskSet, SparsityReport, check_nm_divides, measure_sparsity
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: others_sha256 covers every tensor besides the targets
 CACHE_SUBDIR = "pruned"
 META_FILE = "meta.json"
 MASKS_FILE = "masks.safetensors"
@@ -81,6 +86,13 @@ def _checksum(names: Iterable[str], get: Callable[[str], torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def others_checksum(model: nn.Module, linears: dict[str, nn.Module]) -> str:
+    """`weights_checksum` of every parameter and buffer of `model` except the target weights."""
+    skip = {f"{name}.weight" for name in linears}
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
+    return _checksum(tensors, tensors.__getitem__)
+
+
 def _weight_dtype(linears: dict[str, nn.Module]) -> str:
     dtypes = sorted({str(linear.weight.dtype).removeprefix("torch.") for linear in linears.values()})
     return dtypes[0] if len(dtypes) == 1 else ",".join(dtypes)
@@ -89,7 +101,7 @@ def _weight_dtype(linears: dict[str, nn.Module]) -> str:
 def key_fields(config: PruningConfig, pruner: Pruner, model_key: str, weight_dtype: str) -> dict[str, Any]:
     """Everything a pruning result depends on (the calibration only for pruners that use it)."""
     pattern = config.pattern
-    return {
+    fields = {
         "artifact_version": ARTIFACT_VERSION,
         "model_key": model_key,
         "pruner": config.name,
@@ -100,6 +112,9 @@ def key_fields(config: PruningConfig, pruner: Pruner, model_key: str, weight_dty
         "weight_dtype": weight_dtype,
         "calibration": asdict(config.calibration) if pruner.needs_calibration and config.calibration else None,
     }
+    if config.layer_sparsity:  # only then, so the keys of runs without a prune schedule stay as they were
+        fields["layer_sparsity"] = dict(sorted(config.layer_sparsity.items()))
+    return fields
 
 
 def artifact_key(fields: dict[str, Any]) -> str:
@@ -145,7 +160,7 @@ def prune_model(
     if entry.exists():
         start = time.perf_counter()
         try:
-            masks, meta = _load_entry(entry, linears, fields, key)
+            masks, meta = _load_entry(entry, model, linears, fields, key)
         except ArtifactError as exc:
             log.warning("pruning cache entry %s is unusable (%s); discarding it and pruning again", entry, exc)
             _discard(entry)
@@ -161,11 +176,12 @@ def prune_model(
     wall_s = time.perf_counter() - start
     del batches
     report = measure_sparsity(model, config.targets, masks, config.pattern)
-    written = _write_entry(entry, linears, masks, fields, key, pruner.updates_weights, wall_s, report)
+    written = _write_entry(entry, model, linears, masks, fields, key, pruner.updates_weights, wall_s, report)
     return PruneOutcome(masks, False, wall_s, None, entry if written else None, key, report)
 
 
-def _load_entry(entry: Path, linears: dict[str, nn.Module], fields: dict, key: str) -> tuple[MaskSet, dict]:
+def _load_entry(entry: Path, model: nn.Module, linears: dict[str, nn.Module], fields: dict,
+                key: str) -> tuple[MaskSet, dict]:
     """Verify an entry completely, then load it into the model. Raises ArtifactError before touching the model."""
     try:
         meta = json.loads((entry / META_FILE).read_text())
@@ -173,6 +189,8 @@ def _load_entry(entry: Path, linears: dict[str, nn.Module], fields: dict, key: s
         raise ArtifactError(f"{META_FILE}: {exc}") from exc
     if meta.get("key") != key or meta.get("key_fields") != json.loads(json.dumps(fields)):
         raise ArtifactError("key fields differ from this run's pruning settings")
+    if others_checksum(model, linears) != meta.get("others_sha256"):
+        raise ArtifactError("the model's non-target tensors (embeddings, norms, head) differ from those pruned (different base model?)")
     try:
         masks = MaskSet.load(entry / MASKS_FILE)
     except Exception as exc:  # safetensors raises several types for missing or malformed files
@@ -217,7 +235,7 @@ def _load_entry(entry: Path, linears: dict[str, nn.Module], fields: dict, key: s
 
 
 def _write_entry(
-    entry: Path, linears: dict[str, nn.Module], masks: MaskSet, fields: dict, key: str, store_weights: bool,
+    entry: Path, model: nn.Module, linears: dict[str, nn.Module], masks: MaskSet, fields: dict, key: str, store_weights: bool,
     prune_wall_s: float, report: SparsityReport,
 ) -> bool:
     """Write the entry atomically (temporary folder, then rename). A failure to write is logged, not raised:
@@ -239,6 +257,7 @@ def _write_entry(
             "mask_digest": masks.digest(),
             "weights_stored": store_weights,
             "weights_sha256": _checksum(linears, lambda name: linears[name].weight),
+            "others_sha256": others_checksum(model, linears),
             "prune_wall_s": prune_wall_s,
             "sparsity": report.sparsity,
             "sparsity_by_type": report.sparsity_by_type,

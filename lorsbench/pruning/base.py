@@ -8,10 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lorsbench.config import ConfigError, PruningConfig
+from lorsbench.config import PruningConfig
+from lorsbench.errors import Batch, ConfigError  # noqa: F401 - Batch re-exported for the pruners
 from lorsbench.pruning.masks import MaskSet
-
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

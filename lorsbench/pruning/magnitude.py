@@ -18,7 +18,7 @@ class MagnitudePruner(Pruner):
         with torch.no_grad():
             for name, linear in target_linears(model, self.config.targets).items():
                 check_nm_divides(name, linear.weight.shape[1], self.config.pattern)
-                mask = mask_from_scores(linear.weight.abs(), self.config.sparsity, self.config.pattern, "matrix")
+                mask = mask_from_scores(linear.weight.abs(), self.config.sparsity_of(name), self.config.pattern, "matrix")
                 linear.weight.mul_(mask.to(linear.weight.dtype))
                 masks[name] = mask.cpu()
         return masks

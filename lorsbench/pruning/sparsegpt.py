@@ -154,7 +154,7 @@ class SparseGPTPruner(Pruner):
 
         def prune_linear(name: str, linear: nn.Module, stats: InputHessian) -> torch.Tensor:
             new_weight, mask = sparsegpt_prune(
-                linear.weight, stats.hessian, config.sparsity, config.pattern, options.blocksize, options.percdamp
+                linear.weight, stats.hessian, config.sparsity_of(name), config.pattern, options.blocksize, options.percdamp
             )
             linear.weight.copy_(new_weight)
             return mask

@@ -56,7 +56,7 @@ class WandaPruner(Pruner):
             return InputNorms(linear.weight.shape[1], linear.weight.device)
 
         def prune_linear(name: str, linear: nn.Module, stats: InputNorms) -> torch.Tensor:
-            mask = wanda_mask(linear.weight, stats.scaler_row, config.sparsity, config.pattern)
+            mask = wanda_mask(linear.weight, stats.scaler_row, config.sparsity_of(name), config.pattern)
             linear.weight.mul_(mask.to(linear.weight.dtype))
             return mask
 

@@ -1,8 +1,9 @@
 """Comparison reports: run records -> `runs.csv`, `metrics_long.csv`, `report.md`, `report.html` and PNG plots.
 
-    python -m lorsbench.report results/raw/sweeps/<stamp> [more folders...] --name main_table
+    python -m lorsbench.report results/raw/sweeps/<stamp> [more folders...] --name main_table [--reference lora,none]
 
-Needs pandas and matplotlib only (no torch): it runs wherever the run folders are copied to.
+Needs pandas, matplotlib and scipy only (no torch): it runs wherever the run folders are copied to. Paired
+comparisons on the runs' per-example files: `paired.py`.
 """
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from lorsbench.records import write_text_atomic
+from lorsbench.report import paired as paired_stats
 from lorsbench.report import tables
 from lorsbench.report.collect import Collected, ReportError, collect
 from lorsbench.report.document import Document, Figure, Section, to_markdown
 from lorsbench.report.html import to_html
+from lorsbench.report.paired import StatsOptions
 from lorsbench.report.plots import PLOTS, to_png
+from lorsbench.report.stats import MIN_RESAMPLES
 
-__all__ = ["Collected", "ReportError", "build_document", "collect", "write_report"]
+__all__ = ["Collected", "ReportError", "StatsOptions", "build_document", "collect", "write_report"]
 
-OUTPUT_FILES = ("runs.csv", "metrics_long.csv", "report.md", "report.html")
+OUTPUT_FILES = ("runs.csv", "metrics_long.csv", "paired.csv", "report.md", "report.html")
 
 
 def _summary(data: Collected) -> list:
@@ -41,11 +46,12 @@ def _summary(data: Collected) -> list:
                      + "; ".join(f"{b} / {lab} / seed {s}" for (b, lab, s) in dup[dup > 1].index) + ".")
     text += notes
     text.append("Accuracy: lm-eval `acc` in %, mean ± std (ddof=1) over the n runs (seeds) of a row; the mean column "
-                "averages each run's tasks first. Perplexity on held-out text (lower is better).")
+                "averages each run's tasks first (equal weight). `mean acc_norm` beside it averages lm-eval `acc_norm` "
+                "over the tasks that record it. Perplexity on held-out text (lower is better).")
     return text + [tables.overview_table(runs)]
 
 
-def build_document(data: Collected, name: str) -> Document:
+def build_document(data: Collected, name: str, paired: paired_stats.Paired) -> Document:
     figures = []
     for stem, (draw, caption) in PLOTS.items():
         fig = draw(data.long)
@@ -54,7 +60,9 @@ def build_document(data: Collected, name: str) -> Document:
     return Document(f"lorsbench report: {name}", [
         Section("Summary", _summary(data)),
         Section("Failed and incomplete runs", tables.failure_table(data.runs)),
-        Section("Accuracy", tables.accuracy_tables(data.runs)),
+        Section("Accuracy", tables.accuracy_tables(data.runs, paired_stats.marks(paired))
+                + paired_stats.legend(paired)),
+        Section("Paired comparisons", paired_stats.section(paired)),
         Section("Cost", tables.cost_tables(data.runs)),
         Section("Sparsity", tables.sparsity_tables(data.runs)),
         Section("Plots", figures or ["Nothing to plot (no successful run with the needed metrics)."]),
@@ -62,22 +70,28 @@ def build_document(data: Collected, name: str) -> Document:
     ])
 
 
-def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "results/reports") -> Path:
+def write_report(paths: Iterable[str | Path], name: str, out: str | Path = "results/reports",
+                 stats: StatsOptions | None = None) -> Path:
     """Collect the runs under `paths` and write the report files into `out/name/`; returns that folder."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ReportError(f"--name must be a plain folder name (letters, digits, . _ -), got {name!r}")
+    stats = stats or StatsOptions()
+    if stats.resamples < MIN_RESAMPLES:
+        raise ReportError(f"--resamples must be at least {MIN_RESAMPLES}, got {stats.resamples}")
     data = collect(paths)
-    doc = build_document(data, name)
+    paired = paired_stats.compare(data, stats)
+    doc = build_document(data, name, paired)
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     for stem in PLOTS:
         (folder / f"{stem}.png").unlink(missing_ok=True)
-    data.runs.to_csv(folder / "runs.csv", index=False)
-    data.long.to_csv(folder / "metrics_long.csv", index=False)
+    write_text_atomic(folder / "runs.csv", data.runs.to_csv(index=False))
+    write_text_atomic(folder / "metrics_long.csv", data.long.to_csv(index=False))
+    write_text_atomic(folder / "paired.csv", paired_stats.frame(paired).to_csv(index=False))
     for section in doc.sections:
         for item in section.items:
             if isinstance(item, Figure):
                 (folder / item.file).write_bytes(item.png)
-    (folder / "report.md").write_text(to_markdown(doc))
-    (folder / "report.html").write_text(to_html(doc))
+    write_text_atomic(folder / "report.md", to_markdown(doc))
+    write_text_atomic(folder / "report.html", to_html(doc))
     return folder

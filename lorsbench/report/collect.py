@@ -1,22 +1,25 @@
 """Run records -> pandas: `runs` (wide, one row per run) and `long` (tidy, one row per run x metric x task).
 
-Reads every `run.json` under the given folders (schema: the `lorsbench.records` docstring) and tolerates missing
-optional fields: a record of a run that failed in its first phase has little more than its status and error. A
-Hydra job folder (`.hydra/`) without a `run.json` is kept as status `no_record` (the job died before writing one),
-so a failure is never silently dropped. Seeds are not aggregated here (that is `tables.py`).
+Reads every `run.json` under the given folders and validates it against the schema (`lorsbench.records`
+`RecordFields`, `validate_record`): a record that is not JSON, of an unknown `schema_version`, or lacking the
+fields its status needs is kept as status `invalid` with the reason, never guessed from and never fatal. Valid
+records may lack optional fields (a run that failed in its first phase has little more than its status and
+error). A `running` record whose process is gone (`records.liveness`) is status `stale` (killed?). A Hydra job
+folder (`.hydra/`) without a `run.json` is kept as status `no_record` (the job died before writing one), so a
+failure is never silently dropped. Seeds are not aggregated here (that is `tables.py`).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-from lorsbench.records import RECORD_FILE
+from lorsbench.records import RECORD_FILE, liveness, validate_record
 
 PHASES = ("load", "prune", "train", "eval")
 STAGES = ("after_prune", "after_train", "after_merge")
@@ -33,7 +36,7 @@ TRAINING = ("trainable_params", "total_params", "train_steps", "max_steps", "seq
             "grad_accum", "lr", "step_ms_median", "step_ms_p90", "tokens_per_s", "train_wall_s", "final_loss")
 MEMORY = tuple(f"peak_{kind}_gib_{phase}" for phase in PHASES for kind in ("alloc", "reserved", "rss"))
 SPARSITY = tuple(f"{field}_{stage}" for stage in STAGES for field in ("sparsity", "nm_valid", "mask_preserved"))
-QUALITY = ("has_accuracy", "mean_acc", "perplexity", "perplexity_tokens", "perplexity_window")
+QUALITY = ("has_accuracy", "mean_acc", "mean_acc_norm", "perplexity", "perplexity_tokens", "perplexity_window")
 PROVENANCE = ("git_sha", "git_dirty", "prune_wall_s", "prune_cache_hit", "mask_digest")
 WIDE_ORDER = IDENTITY + FACTORS + TRAINING + ("memory_kind", "peak_mem_gib_train") + MEMORY + SPARSITY + QUALITY \
     + PROVENANCE
@@ -57,6 +60,7 @@ class Collected:
     runs: pd.DataFrame
     long: pd.DataFrame
     inputs: tuple[str, ...]
+    folders: dict[str, Path] = field(default_factory=dict)  # run_dir -> the run folder (per-example files)
 
 
 def is_missing(value: Any) -> bool:
@@ -89,15 +93,23 @@ def _find(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], list[tu
 
 
 def _read(file: Path) -> dict[str, Any]:
+    """The record in `file`, or an `invalid` record saying why it cannot be used; a dead `running` one is `stale`."""
     try:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ReportError(f"malformed JSON in {file}: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        reason = f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"cannot read {file}: {exc}") from None
-    if not isinstance(record, dict) or "status" not in record:
-        raise ReportError(f"{file} is not a lorsbench run record (a JSON object with a 'status')")
-    return record
+        reason = f"cannot read: {exc}"
+    else:
+        problems = validate_record(record)
+        if not problems:
+            stale = liveness(record)
+            if stale is not None:
+                return {**record, "status": "stale", "error": f"stale (killed?): {stale}; status was running",
+                        "phase_failed": record.get("phase_failed")}
+            return record
+        reason = "not a valid run record: " + "; ".join(problems)
+    return {"status": "invalid", "run_name": file.parent.name, "error": f"{file}: {reason}"}
 
 
 def _orphan_record(job: Path) -> dict[str, Any]:
@@ -163,8 +175,10 @@ def _flatten(record: dict[str, Any], run_dir: str) -> dict[str, Any]:
     if is_missing(row.get("mean_acc")) and tasks:
         accs = [s.get("acc") for s in tasks.values() if isinstance(s, dict) and not is_missing(s.get("acc"))]
         row["mean_acc"] = sum(accs) / len(accs) if accs else None
+    norms = [s["acc_norm"] for s in tasks.values() if isinstance(s, dict) and not is_missing(s.get("acc_norm"))]
+    row["mean_acc_norm"] = sum(norms) / len(norms) if norms else None  # over the tasks that record it
     if record.get("weights") == "random":  # random weights: efficiency only, accuracy is meaningless
-        for key in [k for k in row if k.startswith("acc.")] + ["mean_acc", "perplexity"]:
+        for key in [k for k in row if k.startswith("acc.")] + ["mean_acc", "mean_acc_norm", "perplexity"]:
             row[key] = None
     row["has_accuracy"] = record.get("status") == "success" and not is_missing(row.get("mean_acc"))
     smoke, limit = bool(record.get("smoke")), record.get("eval_limit")
@@ -286,13 +300,15 @@ def collect(paths: Iterable[str | Path]) -> Collected:
     if not found:
         extra = f" ({len(orphans)} Hydra job folders without one: jobs that died early)" if orphans else ""
         raise ReportError(f"no {RECORD_FILE} found under {', '.join(paths)}{extra}")
-    rows, tasks_by_run = [], {}
+    rows, tasks_by_run, folders = [], {}, {}
     for base, file in found:
-        record = _from_config(_read(file))
+        record = _read(file)
+        record = _from_config(record) if record["status"] != "invalid" else record
         run_dir = os.path.relpath(file.parent, base)
         rows.append(_flatten(record, run_dir))
         tasks_by_run[run_dir] = record.get("tasks") if isinstance(record.get("tasks"), dict) else {}
+        folders[run_dir] = file.parent
     for base, job in orphans:
         rows.append(_flatten(_from_config(_orphan_record(job)), os.path.relpath(job, base)))
     runs = runs_frame(rows)
-    return Collected(runs=runs, long=long_frame(runs, tasks_by_run), inputs=tuple(paths))
+    return Collected(runs=runs, long=long_frame(runs, tasks_by_run), inputs=tuple(paths), folders=folders)

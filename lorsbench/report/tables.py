@@ -17,7 +17,8 @@ MEMORY_COLUMNS = {"peak_alloc_gib_train": "peak alloc GiB (train)",
 COST_COLUMNS = {"trainable_params": "trainable params", **MEMORY_COLUMNS, "step_ms_median": "step ms (median)",
                 "step_ms_p90": "step ms (p90)", "tokens_per_s": "tokens/s"}
 STATUS_TEXT = {"failed": "**FAILED**", "oom": "**OOM**", "running": "**incomplete** (status running)",
-               "no_record": "**no record**"}
+               "no_record": "**no record**", "interrupted": "**interrupted**", "stale": "**stale (killed?)**",
+               "invalid": "**invalid record**"}
 
 
 def fmt_stats(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
@@ -66,9 +67,10 @@ def _blocks(rows: pd.DataFrame, keys: tuple[str, ...] = ("block",)) -> list[tupl
     return out
 
 
-def accuracy_tables(runs: pd.DataFrame) -> list[str | Table]:
+def accuracy_tables(runs: pd.DataFrame, marks: dict[tuple[str, str, str], str] | None = None) -> list[str | Table]:
     """Rows = method (dense and pruned-only first), columns = tasks + mean acc + perplexity, one table per
-    pruner · pattern · sparsity block; the dense runs of the same model/suite/regime head every block."""
+    pruner · pattern · sparsity block; the dense runs of the same model/suite/regime head every block.
+    `marks` (block, label, column) -> symbols appended to a cell (the paired comparisons that survive BH)."""
     acc = runs[runs["has_accuracy"] == True]  # noqa: E712 - a column of bools / NaN
     if acc.empty:
         return ["No run with accuracy (successful, pretrained weights, tasks evaluated)."]
@@ -79,15 +81,18 @@ def accuracy_tables(runs: pd.DataFrame) -> list[str | Table]:
         head = group.iloc[0]
         ref = dense[[all(_same(r[k], head[k]) for k in ("model", "eval_suite", "regime", "weights"))
                      for _, r in dense.iterrows()]] if not pruned.empty else dense.iloc[0:0]
-        items += [f"**{title}**", _accuracy_table(pd.concat([ref, group]))]
+        block_marks = {(lab, col): m for (b, lab, col), m in (marks or {}).items() if b == title}
+        items += [f"**{title}**", _accuracy_table(pd.concat([ref, group]), block_marks)]
     return items
 
 
-def _accuracy_table(rows: pd.DataFrame) -> Table:
+def _accuracy_table(rows: pd.DataFrame, marks: dict[tuple[str, str], str]) -> Table:
     tasks = sorted(c for c in rows.columns if c.startswith("acc.") and rows[c].notna().any())
     metrics = [(c, c.removeprefix("acc."), 100.0, max) for c in tasks] + [("mean_acc", "mean", 100.0, max)]
     if "perplexity" in rows and rows["perplexity"].notna().any():
         metrics.append(("perplexity", "perplexity", 1.0, min))
+    if "mean_acc_norm" in rows and rows["mean_acc_norm"].notna().any():
+        metrics.append(("mean_acc_norm", "mean acc_norm", 100.0, max))
     labels = _label_order(rows)
     by_label = {label: rows[rows["label"] == label] for label in labels}
     best = {}
@@ -103,7 +108,8 @@ def _accuracy_table(rows: pd.DataFrame) -> Table:
         cells = [label, str(len(sub))]
         for column, _, scale, _ in metrics:
             text = fmt_stats(sub[column], scale)
-            cells.append(f"**{text}**" if best.get(column) == label else text)
+            text = f"**{text}**" if best.get(column) == label else text
+            cells.append(text + marks.get((label, column), ""))
         table_rows.append(cells)
     return Table(["method", "n"] + [name for _, name, _, _ in metrics], table_rows)
 
