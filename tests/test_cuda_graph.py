@@ -12,20 +12,15 @@ import torch
 from lorsbench.config import ProfileConfig, TrainerConfig
 from lorsbench.method import MethodContext, build_method, list_methods
 from lorsbench.training import train
-from tests.methods_helpers import TARGETS, VOCAB, random_masks, tiny_llama
+from tests.methods_helpers import TARGETS, batches, random_masks, tiny_llama
 
 pytestmark = pytest.mark.gpu
 STEPS = 24
 CUDA = torch.device("cuda")
 
 
-def _batches(n: int, batch_size: int = 2, seq_len: int = 32, seed: int = 2) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=generator)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+def _batches(n: int, batch_size: int = 2, seq_len: int = 32) -> list[dict[str, torch.Tensor]]:
+    return batches(n, batch_size, seq_len)
 
 
 def _loss(model, batch):
