@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from lorsbench.errors import ConfigError, unknown_name_error  # noqa: F401
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
+# torch.set_float32_matmul_precision: highest = true fp32 matmuls; high = TF32 on CUDA matrix units (CPU ignores it)
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 MODEL_SOURCES = ("bundled", "hf", "random")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
@@ -158,6 +160,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    matmul_precision: str = "highest"  # float32 matmuls: highest | high (TF32 on CUDA) | medium
     smoke: bool = False
     save_merged: bool = False
     resume: bool = False  # a sweep job whose folder already holds a success record is skipped (lorsbench.__main__)
@@ -301,6 +304,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
     dtype = str(cfg.get("dtype", "auto"))
     _check_choice("dtype", dtype, DTYPES)
+    matmul_precision = str(cfg.get("matmul_precision", "highest"))
+    _check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
     device = str(cfg.get("device", "auto"))
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -317,6 +322,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     return RunConfig(
         model=model, pruning=pruning, method=method, data=data, trainer=trainer, eval=evaluation,
         profile=profile, paths=paths, seed=int(seed), device=device, dtype=dtype,
+        matmul_precision=matmul_precision,
         smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)),
         resume=bool(cfg.get("resume", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
     )

@@ -68,7 +68,8 @@ def _factors(cfg: RunConfig) -> dict:
     return {
         "run_name": cfg.run_name, "smoke": cfg.smoke, "model": cfg.model.name, "model_source": cfg.model.source,
         "pruner": cfg.pruning.name, "pattern": cfg.pruning.pattern.name, "target_sparsity": cfg.pruning.sparsity,
-        "method": cfg.method.name, "seed": cfg.seed, "dtype": cfg.dtype, "data": cfg.data.name,
+        "method": cfg.method.name, "seed": cfg.seed, "dtype": cfg.dtype,
+        "matmul_precision": cfg.matmul_precision, "data": cfg.data.name,
         "seq_len": cfg.trainer.seq_len, "micro_batch_size": cfg.trainer.micro_batch_size,
         "grad_accum": cfg.trainer.grad_accum, "lr": cfg.trainer.lr, "lr_source": cfg.lr_source,
         "max_steps": cfg.trainer.max_steps,
@@ -126,6 +127,7 @@ def setup(run: Run) -> None:
     run.record.update(lr=cfg.trainer.lr, lr_source=cfg.lr_source)
     run.device = resolve_device(cfg.device)
     run.dtype = torch_dtype(cfg.dtype, run.device)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     run.generator = seed_everything(cfg.seed)
     run.method = build_method(cfg.method)
     run.rounds = run.method.schedule(cfg)  # one round unless the method owns a prune schedule (lorsbench.schedule)

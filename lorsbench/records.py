@@ -69,6 +69,7 @@ class RecordFields(TypedDict, total=False):
     preserves_sparsity: bool
     seed: int
     dtype: str
+    matmul_precision: str  # torch.set_float32_matmul_precision of the run (high: TF32 on CUDA)
     device: str
     device_name: str
     data: str

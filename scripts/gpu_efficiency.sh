@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The efficiency benchmark (results/efficiency/, issues 5 and 13) in stages that each fit one 10-minute device call:
 #   OUT=$OUT bash scripts/gpu_efficiency.sh core8b        # one stage per call, in this order:
+#   headline8b (the compact set of one call), or
 #   core8b core8b_graph peers8b cost8b others8b load8b maxbatch8b tiny tiny_graph  (then: unstr8b unstr8b_others)
 # Coverage: every method + the two peers (peft LoRA, the LoRS authors' autograd) at Llama-3-8B shapes, 2:4,
 # batch 1 x {512, 1024, 2048} in eager and CUDA-graph mode; every method + peers at 4 x 2048 (eager; lora/lors also
@@ -36,7 +37,7 @@ $PY -c "import hydra, omegaconf, peft" || { echo "missing hydra-core/omegaconf/p
 mkdir -p "$OUT"
 CORE="lora lors"
 VARIANTS="lors:mask_source=stored lors:kernel=torch lors:kernel=fused,mask_source=stored"
-ALL="lora spp sqft lors lors_exact slope full_sparse_ft"
+ALL="lora spp sqft lors lors_exact slope losa full_sparse_ft"
 PEERS="peft_lora authors_lors"
 rc=0
 bench() {  # every invocation appends to its table; a failed cell makes the stage's exit code non-zero
@@ -46,6 +47,14 @@ stages() {
 for stage in "${@:-core8b}"; do
   echo "[gpu_efficiency] stage $stage ($(date -u +%H:%M:%S))"
   case $stage in
+    headline8b) # one call's worth (≈ 8 min): every method + peers in graph mode at 1 × {512, 2048}, the eager rows the
+                # targets compare against, and 4 × 2048 for lora / lors / the peers
+                bench --model $MODEL_8B --pattern 2of4 --seq-lens 512 2048 --modes cuda_graph \
+                      --methods lora lors spp sqft lors_exact slope losa --peers $PEERS
+                bench --model $MODEL_8B --pattern 2of4 --seq-lens 512 2048 --modes eager --methods lora lors \
+                      --peers authors_lors
+                bench --model $MODEL_8B --pattern 2of4 --seq-lens $LOAD_SEQ --batch-size 4 --modes eager cuda_graph \
+                      --methods lora lors --peers $PEERS ;;
     core8b)     bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes eager --methods $CORE \
                       --repeats "$REPEATS" ;;
     core8b_graph) bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes cuda_graph --methods $CORE \
@@ -66,7 +75,7 @@ for stage in "${@:-core8b}"; do
                       --methods $CORE --repeats $(( REPEATS > 2 ? 2 : REPEATS )) ;;
     unstr8b_others) bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --seq-lens $SEQS \
                       --methods lors:mask_source=stored spp sqft lors_exact full_sparse_ft --peers $PEERS ;;  # slope: 2:4 only
-    *) echo "unknown stage '$stage' (core8b | core8b_graph | peers8b | cost8b | others8b | load8b | maxbatch8b | tiny | tiny_graph |" \
+    *) echo "unknown stage '$stage' (headline8b | core8b | core8b_graph | peers8b | cost8b | others8b | load8b | maxbatch8b | tiny | tiny_graph |" \
             "unstr8b | unstr8b_others)" >&2; exit 2 ;;
   esac
 done

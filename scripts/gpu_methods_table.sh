@@ -4,9 +4,11 @@
 # chosen lr, Wanda 50 % unstructured and 2:4, 3 seeds, the full zero-shot suite, the dense / dense + LoRA /
 # pruned-only rows). One `python -m lorsbench` process per job, JOBS at once (the default model is 135M
 # parameters); every run folder lands under $LORSBENCH_OUTPUT. Stages, each sized to one 10-minute device call:
-#   STAGE=lr LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh       # lr sweep + choice + reference rows
-#   STAGE=methods LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh  # the trained rows at their chosen lr
-# (SEEDS="1 2": only those seeds; DEADLINE_S: stop launching jobs after that long.) GPU step times of these runs
+#   STAGE=lr LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh       # lr sweep (what is missing) + choice
+#   STAGE=methods LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh  # every row, seed-major, by priority
+# (SEEDS="1 2": only those seeds; DEADLINE_S: stop launching jobs after that long; SWEPT: folders of earlier lr-sweep
+# records that count, so their cells are not run again; EXTRA: overrides for every job, e.g. "trainer.cuda_graph=true
+# matmul_precision=high" on a GPU — every record carries them.) GPU step times of these runs
 # are taken with JOBS processes sharing the GPU: use them for nothing. How the lent machine gets the model, the
 # data and the wheels: notes/gpu.md.
 set -u
@@ -17,6 +19,8 @@ STAGE=${STAGE:?set STAGE=lr or STAGE=methods}
 DEADLINE_S=${DEADLINE_S:-480}
 SEEDS=${SEEDS:-0 1 2}
 LR_CHOICE=${LR_CHOICE:-results/methods/lr_choice.json}
+SWEPT=${SWEPT:-}
+EXTRA=${EXTRA:-}
 PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -38,37 +42,45 @@ EOF
 job() {  # one job: a preset and the overrides that pin every swept key
   preset=$1; shift
   name=$(echo "$*" | tr ' =/' '_-_')
-  $PY -m lorsbench "experiment=$preset" "$@" "hydra.sweep.dir=$OUTPUT/$preset/$name" > "$OUTPUT/logs/$preset-$name.log" 2>&1
+  $PY -m lorsbench "experiment=$preset" "$@" $EXTRA "hydra.sweep.dir=$OUTPUT/$preset/$name" \
+    > "$OUTPUT/logs/$preset-$name.log" 2>&1
   echo "[$(( $(date +%s) - start )) s] rc $? $preset $*"
 }
-export -f job; export start OUTPUT PY
+export -f job; export start OUTPUT PY EXTRA
 run_jobs() { timeout $(( DEADLINE_S - ($(date +%s) - start) )) xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _; }
 
 if [ "$STAGE" = lr ]; then
-  {
-    for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact losa; do for lr in 2e-4 1e-3 4e-3; do
-      echo "lr_sweep method=$method pattern=$pattern trainer.lr=$lr"; done; done; done
-    for lr in 2e-4 1e-3 4e-3; do
-      echo "lr_sweep method=slope pattern=2of4 trainer.lr=$lr"
-      echo "lr_sweep pruning=none method=lora pattern=unstructured trainer.lr=$lr"
-    done
-  } | run_jobs
-  $PY -m lorsbench.lr_choice "$OUTPUT/lr_sweep" --out "$LR_CHOICE" --force || exit 1
+  # Every (pattern, method, lr) cell of the grid that $SWEPT does not already hold a successful record of.
+  $PY - "$SWEPT" <<'EOF' | run_jobs
+import json, sys
+from pathlib import Path
+done = set()
+for folder in sys.argv[1].split():
+    for path in Path(folder).rglob("run.json"):
+        r = json.loads(path.read_text())
+        if r.get("status") == "success" and not r.get("smoke"):
+            done.add((r["pruner"], r["pattern"], r["method"], float(r["lr"])))
+cells = [("wanda", p, m) for p in ("unstructured", "2of4") for m in ("lora", "spp", "sqft", "lors", "lors_exact", "losa")]
+cells += [("wanda", "2of4", "slope"), ("none", "unstructured", "lora")]
+for lr in ("2e-4", "1e-3", "4e-3"):
+    for pruner, pattern, method in cells:
+        if (pruner, pattern, method, float(lr)) not in done:
+            print(f"lr_sweep pruning={pruner} method={method} pattern={pattern} trainer.lr={lr}")
+EOF
+  $PY -m lorsbench.lr_choice $SWEPT "$OUTPUT/lr_sweep" --out "$LR_CHOICE" --force || exit 1
   cp "$LR_CHOICE" "$OUTPUT/"
-  # Reference rows (they also fill the pruning cache for every seed x pattern): pruned-only, dense, dense + LoRA.
-  {
-    for seed in $SEEDS; do for pattern in unstructured 2of4; do
-      echo "methods_table method=none pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done
-      echo "methods_table pruning=none method=lora pattern=unstructured seed=$seed trainer.lr_from=$LR_CHOICE"
-    done
-    echo "methods_table pruning=none method=none pattern=unstructured seed=0 trainer.lr_from=$LR_CHOICE"
-  } | JOBS=$EVAL_JOBS run_jobs
 else
+  # Seed-major, so a call that ends early leaves whole seeds; within a seed the rows a reader needs first.
   {
     for seed in $SEEDS; do
-      for pattern in unstructured 2of4; do for method in lora spp sqft lors lors_exact losa; do
+      for pattern in unstructured 2of4; do echo "methods_table method=none pattern=$pattern seed=$seed"; done
+      for method in lora lors sqft spp losa; do for pattern in unstructured 2of4; do
         echo "methods_table method=$method pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done; done
       echo "methods_table method=slope pattern=2of4 seed=$seed trainer.lr_from=$LR_CHOICE"
+      echo "methods_table pruning=none method=lora pattern=unstructured seed=$seed trainer.lr_from=$LR_CHOICE"
+      [ "$seed" = 0 ] && echo "methods_table pruning=none method=none pattern=unstructured seed=0"
+      for pattern in unstructured 2of4; do
+        echo "methods_table method=lors_exact pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done
     done
   } | JOBS=$EVAL_JOBS run_jobs
 fi

@@ -115,3 +115,9 @@ def test_bad_pruner_options_fail_at_the_config_edge(compose, overrides, message)
     """Pruner options are checked at the config edge (config_checks), before any model is loaded."""
     with pytest.raises(ConfigError, match=message):
         check_run_config(build_run_config(compose(overrides)))
+
+
+def test_matmul_precision_is_checked_and_carried(compose):
+    assert build_run_config(compose(["matmul_precision=high"])).matmul_precision == "high"
+    with pytest.raises(ConfigError, match=r"matmul_precision.*'tf32'.*highest"):
+        build_run_config(compose(["matmul_precision=tf32"]))
