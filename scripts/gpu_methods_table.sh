@@ -6,7 +6,7 @@
 # parameters); every run folder lands under $LORSBENCH_OUTPUT. Stages, each sized to one 10-minute device call:
 #   STAGE=lr LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh       # lr sweep (what is missing) + choice
 #   STAGE=methods LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh  # every row, seed-major, by priority
-# (SEEDS="1 2": only those seeds; DEADLINE_S: stop launching jobs after that long; SWEPT: folders of earlier lr-sweep
+# (SEEDS="1 2": only those seeds; DEADLINE_S: start no job after that long (started ones finish); SWEPT: folders of earlier lr-sweep
 # records that count, so their cells are not run again; EXTRA: overrides for every job, e.g. "trainer.cuda_graph=true
 # matmul_precision=high" on a GPU — every record carries them.) GPU step times of these runs
 # are taken with JOBS processes sharing the GPU: use them for nothing. How the lent machine gets the model, the
@@ -39,15 +39,16 @@ convert_suite(("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_chall
 print("model and tasks ready")
 EOF
 
-job() {  # one job: a preset and the overrides that pin every swept key
+job() {  # one job: a preset and the overrides that pin every swept key; none starts after DEADLINE_S
   preset=$1; shift
   name=$(echo "$*" | tr ' =/' '_-_')
+  if [ $(( $(date +%s) - start )) -ge "$DEADLINE_S" ]; then echo "[deadline] not started: $preset $*"; return; fi
   $PY -m lorsbench "experiment=$preset" "$@" $EXTRA "hydra.sweep.dir=$OUTPUT/$preset/$name" \
     > "$OUTPUT/logs/$preset-$name.log" 2>&1
   echo "[$(( $(date +%s) - start )) s] rc $? $preset $*"
 }
-export -f job; export start OUTPUT PY EXTRA
-run_jobs() { timeout $(( DEADLINE_S - ($(date +%s) - start) )) xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _; }
+export -f job; export start OUTPUT PY EXTRA DEADLINE_S
+run_jobs() { xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _; }  # started jobs run to the end (no kill at the deadline)
 
 if [ "$STAGE" = lr ]; then
   # Every (pattern, method, lr) cell of the grid that $SWEPT does not already hold a successful record of.
