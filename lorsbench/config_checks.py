@@ -13,7 +13,7 @@ from torch import nn
 
 from lorsbench.config import RunConfig
 from lorsbench.errors import ConfigError, unknown_name_error
-from lorsbench.method import build_method, check_pattern, get_method, list_methods
+from lorsbench.registry import build_method, check_pattern, get_method, list_methods
 from lorsbench.modules import target_linears
 from lorsbench.pruning import build_pruner, list_pruners
 

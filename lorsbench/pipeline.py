@@ -22,7 +22,7 @@ import torch
 
 from lorsbench.config import PatternConfig, PruningConfig, RunConfig
 from lorsbench.config_checks import check_model_fits, check_run_config, resolve_lr
-from lorsbench.method import Method, MethodContext, build_method
+from lorsbench.registry import Method, MethodContext, build_method
 from lorsbench.profiling import PhaseMeter
 from lorsbench.pruning.masks import MaskSet, measure_sparsity
 from lorsbench.records import RunRecord, failure_status, now_utc, write_json_atomic, write_text_atomic

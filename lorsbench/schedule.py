@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from lorsbench.config import ConfigError, PatternConfig, PruningConfig, RunConfig
 
 if TYPE_CHECKING:
-    from lorsbench.method import MethodContext
+    from lorsbench.registry import MethodContext
     from lorsbench.profiling import PhaseStats
     from lorsbench.pruning.artifacts import PruneOutcome
 

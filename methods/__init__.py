@@ -1,1 +1,1 @@
-"""Method plug-ins: one file per method, found by the registry in lorsbench.method (installed as lorsbench.methods)."""
+"""Method plug-ins: one file per method, found by the registry in lorsbench.registry (installed as lorsbench.methods)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.method import Method, MethodContext
+from lorsbench.registry import Method, MethodContext
 from lorsbench.methods import _lors_triton
 from lorsbench.methods._adapter import (
     AdapterLinear, attach_adapters, kaiming_uniform, merge_adapters, merge_dtype, scaling_factor,

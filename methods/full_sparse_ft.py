@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.method import Method, MethodContext, register_method
+from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import AdapterLinear, attach_adapters, merge_adapters, merge_dtype
 from lorsbench.pruning.masks import MaskSet
 

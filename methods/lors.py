@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorsbench.method import register_method
+from lorsbench.registry import register_method
 from lorsbench.methods._lors import GRAD_SCALES, LoRSBase, check_common
 from lorsbench.methods._lors_triton import check_kernel
 

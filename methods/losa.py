@@ -35,7 +35,7 @@ from lorsbench.methods.sqft import SQFTLinear
 from torch import nn
 
 from lorsbench.config import ConfigError, RunConfig
-from lorsbench.method import Method, MethodContext, register_method
+from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.modules import decoder_layers, target_linears
 from lorsbench.pruning.base import Batch
 from lorsbench.pruning.calibration import capture_block_inputs, run_block

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorsbench.method import Method, MethodContext, register_method
+from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.pruning.masks import MaskSet
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorsbench.config import ConfigError, PatternConfig
-from lorsbench.method import Method, MethodContext, register_method
+from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import AdapterLinear, attach_adapters, merge_adapters, merge_dtype, scaling_factor
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet, mask_from_scores, nm_valid

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorsbench.config import ConfigError
-from lorsbench.method import Method, MethodContext, register_method
+from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import (
     AdapterLinear, attach_adapters, kaiming_uniform, merge_adapters, merge_dtype, scaling_factor,
 )

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.method import Method, MethodContext, register_method
+from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import (
     AdapterLinear, attach_adapters, lora_factors, merge_adapters, merge_dtype, scaling_factor,
 )

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorsbench.config import PatternConfig
-from lorsbench.method import MethodContext
+from lorsbench.registry import MethodContext
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet, apply_masks, mask_from_scores
 

@@ -224,7 +224,7 @@ def test_peft_lora_forward_and_gradients_match_float64_formulas():
 
 def test_peers_are_never_methods():
     from lorsbench.config import MethodSpec
-    from lorsbench.method import build_method, list_methods
+    from lorsbench.registry import build_method, list_methods
 
     assert peers.PEERS and not set(peers.PEERS) & set(list_methods())
     for name in peers.PEERS:
@@ -464,7 +464,7 @@ def test_markdowns_render_through_the_report_table_writer():
 def test_the_kernel_tuner_is_reached_through_the_registry_not_by_name():
     from lorsbench.methods import _lors_tuning
 
-    from lorsbench.method import kernel_tuners
+    from lorsbench.registry import kernel_tuners
 
     tuners = kernel_tuners()
     assert len(tuners) == 1 and set(tuners) <= {"lors", "lors_exact"}  # one tuner, shared by both LoRS methods

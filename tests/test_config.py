@@ -99,7 +99,7 @@ def test_hf_model_needs_a_path(compose):
 
 
 def test_unknown_method_option_is_clear(compose):
-    from lorsbench.method import build_method
+    from lorsbench.registry import build_method
 
     cfg = build_run_config(compose(["+method.rnak=4"]))
     with pytest.raises(ConfigError, match="did you mean 'rank'"):

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorsbench.config import build_run_config
 from lorsbench.config_checks import check_model_fits, check_run_config, linear_names
 from lorsbench.errors import ConfigError
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from tests.conftest import REPO
 
 

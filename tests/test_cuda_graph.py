@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorsbench.config import ProfileConfig, TrainerConfig
-from lorsbench.method import MethodContext, build_method, list_methods
+from lorsbench.registry import MethodContext, build_method, list_methods
 from lorsbench.training import train
 from tests.methods_helpers import TARGETS, batches, random_masks, tiny_llama
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorsbench.config import MethodSpec
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.methods._lors import LoRSLinear
 from tests.methods_helpers import context, random_masks, tiny_llama
 

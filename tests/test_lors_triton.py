@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorsbench.config import ConfigError, MethodSpec
-from lorsbench.method import build_method, methods_package
+from lorsbench.registry import build_method, methods_package
 
 methods_package()
 from lorsbench.methods import _lors_triton as lt  # noqa: E402
@@ -190,7 +190,7 @@ def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorsbench.config import PatternConfig, PruningConfig
-    from lorsbench.method import MethodContext
+    from lorsbench.registry import MethodContext
     from lorsbench.pruning import build_pruner
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorsbench.config import ConfigError, MethodSpec
-from lorsbench.method import build_method, list_methods
+from lorsbench.registry import build_method, list_methods
 from lorsbench.methods._adapter import AdapterLinear
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import nm_valid

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from lorsbench.config import MethodSpec, PatternConfig
 from lorsbench.export import ExportError, load_merged, save_merged
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 
 from tests.methods_helpers import (  # noqa: F401 (single_thread is an autouse fixture)
     batches, context, logits, random_masks, single_thread, tiny_llama,

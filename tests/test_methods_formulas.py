@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lorsbench.config import build_run_config
-from lorsbench.method import MethodContext, build_method
+from lorsbench.registry import MethodContext, build_method
 from lorsbench.pruning.masks import MaskSet
 
 D_IN, D_OUT, LAYERS = 32, 48, 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from lorsbench.config import MethodSpec
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.modules import target_linears
 
 from tests.methods_helpers import (  # noqa: F401 (single_thread is an autouse fixture)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorsbench.config import MethodSpec
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.methods._lors import estimate_gradients, grad_svd_factor, lors_linear
 from lorsbench.modules import target_linears
 

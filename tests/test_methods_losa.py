@@ -23,7 +23,7 @@ from lorsbench.methods.sqft import SQFTLinear
 from safetensors.torch import load_file
 
 from lorsbench.config import ConfigError, build_run_config
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet, nm_valid
 from lorsbench.records import read_record

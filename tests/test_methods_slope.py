@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lorsbench.config import ConfigError, MethodSpec, PatternConfig
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.methods.slope import SLoPeLinear, column_mask
 from lorsbench.pruning.masks import mask_from_scores, nm_valid
 

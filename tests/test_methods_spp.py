@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lorsbench.config import ConfigError, MethodSpec
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.methods.spp import SPPLinear, spp_adapter_expanded, spp_adapter_grouped
 from lorsbench.modules import target_linears
 

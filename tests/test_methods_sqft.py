@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lorsbench.config import MethodSpec
-from lorsbench.method import build_method
+from lorsbench.registry import build_method
 from lorsbench.methods._lors import lors_linear
 from lorsbench.methods.sqft import PackedInt4, SQFTLinear, int4_params
 from lorsbench.modules import decoder_layers, target_linears

@@ -11,7 +11,7 @@ import torch
 
 import lorsbench.training
 from lorsbench.config import ConfigError, build_run_config
-from lorsbench.method import build_method, list_methods
+from lorsbench.registry import build_method, list_methods
 from lorsbench.pipeline import run_pipeline
 from lorsbench.pruning import build_pruner
 from lorsbench.pruning.artifacts import key_fields, prune_model

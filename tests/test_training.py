@@ -183,7 +183,7 @@ def test_cuda_graph_reasons_known_before_any_work():
 def test_sqft_nls_declares_its_host_side_rank_draws():
     """SQFT's NLS picks each layer's rank in Python every forward: a graph would replay one draw."""
     from lorsbench.config import MethodSpec
-    from lorsbench.method import build_method
+    from lorsbench.registry import build_method
     from tests.methods_helpers import context, random_masks, tiny_llama
 
     model = tiny_llama()

@@ -120,7 +120,7 @@ def cell_overrides(spec: CellSpec) -> list[str]:
     method has a rank, `init=lora` where it has an init: data-dependent initialisation is not a step cost),
     then `spec.overrides`, then the label's own `key=value`s (a later value of a key wins)."""
     from lorsbench.bench.peers import peer_of
-    from lorsbench.method import get_method
+    from lorsbench.registry import get_method
 
     name, method_items = parse_label(spec.method)
     peer = peer_of(name)
@@ -234,7 +234,7 @@ def run_cell(spec: CellSpec) -> CellResult:
     """Compose, load, prune, attach and train one cell; every failure becomes a result (status oom | failed)."""
     from lorsbench.bench.flops import floor_ms, model_shapes, step_flops
     from lorsbench.bench.peers import peer_of
-    from lorsbench.method import MethodContext, build_method
+    from lorsbench.registry import MethodContext, build_method
     from lorsbench.models import load_model
     from lorsbench.profiling import PhaseMeter, kernel_time_per_step
     from lorsbench.pruning import build_pruner

@@ -78,7 +78,7 @@ def method_row(name: str, tokens: int, repeats: int, device: torch.device) -> di
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorsbench.bench.cell import CellSpec, compose_cell
-    from lorsbench.method import MethodContext, build_method
+    from lorsbench.registry import MethodContext, build_method
     from lorsbench.methods._adapter import AdapterLinear
     from lorsbench.pruning import build_pruner
 
@@ -123,7 +123,7 @@ def table(rows: list[dict], tokens: int, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorsbench.method import list_methods
+    from lorsbench.registry import list_methods
 
     parser = argparse.ArgumentParser(prog="python -m lorsbench.bench.host_ops", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8)

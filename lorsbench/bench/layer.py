@@ -57,7 +57,7 @@ def build_layer(method: str, d_out: int, d_in: int, pattern_name: str, device: t
                 rank: int = 16, seed: int = 0) -> tuple[nn.Module, list[nn.Parameter]]:
     """One pruned linear with `method` attached through the registry ('dense': the frozen base, no adapter)."""
     from lorsbench.bench.cell import CellSpec, compose_cell
-    from lorsbench.method import MethodContext, build_method
+    from lorsbench.registry import MethodContext, build_method
     from lorsbench.pruning import build_pruner
 
     cfg = compose_cell(CellSpec(method="none" if method == "dense" else method, pattern=pattern_name, rank=rank,
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lorsbench.bench.cell import output_root
-    from lorsbench.method import kernel_tuners, methods_package
+    from lorsbench.registry import kernel_tuners, methods_package
     from lorsbench.runtime import device_name, resolve_device, torch_dtype
 
     methods_package()
