@@ -99,7 +99,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    max_steps: int = 60
+    max_steps: int = 30
     micro_batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256

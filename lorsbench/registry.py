@@ -72,8 +72,14 @@ class Method(ABC):
         """Fold adapters into plain nn.Linear modules; the result is an ordinary HF model."""
 
     def describe(self) -> dict[str, Any]:
-        """Hyper-parameters for the run record (scaling conventions included)."""
-        return asdict(self.config) if self.config is not None else {}
+        """Hyper-parameters for the run record, plus the adapter scale `scaling_value` when the Config has one."""
+        if self.config is None:
+            return {}
+        described = asdict(self.config)
+        scaling_value = getattr(self.config, "scaling_value", None)
+        if scaling_value is not None:
+            described["scaling_value"] = scaling_value
+        return described
 
     # A method that prunes while it fine-tunes declares its rounds (lorsbench.schedule); the defaults are one
     # round at the run's settings, i.e. prune once, attach, train, merge.

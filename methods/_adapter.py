@@ -1,4 +1,5 @@
-"""Shared machinery for adapter linears: frozen pruned base + stored keep-mask + trainable parameters.
+"""Shared machinery for adapter methods: frozen pruned base + stored keep-mask + trainable parameters, the
+low-rank hyper-parameters (rank, alpha, scaling convention, dropout, targets) with their checks, and the merge.
 
 Adapters keep float32 master parameters (as SQFT's training script does) and cast to the activation dtype in
 the forward, so bf16 runs do not update bf16 parameters.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 from lorsbench.modules import replace_module, target_linears
 from lorsbench.pruning.masks import MaskSet
+from lorsbench.registry import Method, MethodContext
 
 SCALINGS = ("alpha_over_r", "alpha_over_sqrt_r", "one")
 
@@ -27,6 +30,43 @@ def scaling_factor(kind: str, alpha: float, rank: int) -> float:
     if kind == "one":
         return 1.0
     raise ValueError(f"unknown scaling '{kind}'. Valid: {', '.join(SCALINGS)}")
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """The hyper-parameters of an adapter `s U V` (U d_out x r, V r x d_in) and their checks; a method's Config
+    subclasses it, redeclaring a field only to change its default."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    scaling: str = "alpha_over_r"  # alpha_over_r | alpha_over_sqrt_r | one
+    targets: tuple[str, ...] | None = None  # None: the run's targets
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"rank must be > 0, got {self.rank}")
+        scaling_factor(self.scaling, self.alpha, self.rank)
+
+    @property
+    def scaling_value(self) -> float:
+        """The adapter scale s (recorded as `method_config.scaling_value`)."""
+        return scaling_factor(self.scaling, self.alpha, self.rank)
+
+
+@dataclass(frozen=True)
+class LowRankDropoutConfig(LowRankConfig):
+    """A low-rank adapter whose input passes through dropout (LoRA's D(X))."""
+
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_dropout(self.dropout)
 
 
 def merge_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -119,3 +159,14 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         linear.train(adapter.training)
         replace_module(model, name, linear)
     return model
+
+
+class AdapterMethod(Method):
+    """A method that replaces target linears by AdapterLinear modules: merge folds each into a plain nn.Linear."""
+
+    def target_names(self, ctx: MethodContext) -> tuple[str, ...]:
+        """The method's own targets, else the run's."""
+        return getattr(self.config, "targets", None) or ctx.targets
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_adapters(model)

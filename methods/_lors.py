@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.registry import Method, MethodContext
 from lorsbench.methods import _lors_triton
 from lorsbench.methods._adapter import (
-    AdapterLinear, attach_adapters, kaiming_uniform, merge_adapters, merge_dtype, scaling_factor,
+    AdapterLinear, AdapterMethod, LowRankConfig, attach_adapters, kaiming_uniform, merge_dtype,
 )
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet
+from lorsbench.registry import MethodContext
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,35 @@ def grad_svd_factor(grad: torch.Tensor, rank: int, gamma: float, niter: int = 4)
     return Q[:, :rank].t().contiguous() / gamma
 
 
-class LoRSBase(Method):
-    """attach/merge shared by `lors` and `lors_exact`; subclasses set `exact` and their Config."""
+@dataclass(frozen=True)
+class LoRSConfig(LowRankConfig):
+    """The hyper-parameters `lors` and `lors_exact` share (`lors` adds `grad_scale`)."""
+
+    alpha: float = 16.0
+    scaling: str = "alpha_over_sqrt_r"  # s = alpha / sqrt(r) = 4 at the defaults (authors' scripts)
+    init: str = "grad_svd"  # grad_svd (5.4) | lora (V kaiming-uniform, U = 0)
+    init_samples: int = 16  # training examples for the gradient estimate (paper: 128)
+    init_gamma: float = 1.0  # V = Q_rᵀ / gamma (authors' stable_gamma)
+    kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
+    mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, got {self.mask_source!r}")
+        if self.mask_source == "weight" and self.kernel == "fused":
+            raise ValueError("kernel=fused reads the stored mask; use mask_source=stored or kernel=auto|torch|triton")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init_samples <= 0:
+            raise ValueError(f"init_samples must be > 0, got {self.init_samples}")
+        if not (self.init_gamma > 0 and math.isfinite(self.init_gamma)):
+            raise ValueError(f"init_gamma must be > 0, got {self.init_gamma}")
+        _lors_triton.check_kernel(self.kernel)
+
+
+class LoRSBase(AdapterMethod):
+    """attach shared by `lors` and `lors_exact`; subclasses set `exact` and their Config."""
 
     preserves_sparsity = True
     exact: bool = False
@@ -239,20 +267,15 @@ class LoRSBase(Method):
     def _grad_scale(self, scaling: float) -> float:
         return 1.0
 
-    def scaling_value(self) -> float:
-        c = self.config
-        return scaling_factor(c.scaling, c.alpha, c.rank)
-
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        described["scaling_value"] = self.scaling_value()
         described["adapter_gradient"] = "exact_masked" if self.exact else "rearranged_unmasked"
         return described
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
         c = self.config
-        s = self.scaling_value()
-        targets = c.targets or ctx.targets
+        s = c.scaling_value
+        targets = self.target_names(ctx)
         names = list(target_linears(model, targets))
         if c.init == "grad_svd":
             grads = estimate_gradients(model, names, ctx, c.init_samples)
@@ -290,24 +313,3 @@ class LoRSBase(Method):
                 log.warning("mask_source=weight: %d kept weight(s) are exactly 0 and stay 0 (treated as pruned)",
                             kept_zeros)
         return trainable
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_adapters(model)
-
-
-def check_common(rank: int, alpha: float, scaling: str, init: str, init_samples: int, init_gamma: float,
-                 kernel: str = "torch", mask_source: str = "stored") -> None:
-    """Validation shared by the two LoRS configs."""
-    scaling_factor(scaling, alpha, rank)
-    if mask_source not in MASK_SOURCES:
-        raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, got {mask_source!r}")
-    if mask_source == "weight" and kernel == "fused":
-        raise ValueError("kernel=fused reads the stored mask; use mask_source=stored or kernel=auto|torch|triton")
-    if rank <= 0:
-        raise ValueError(f"rank must be > 0, got {rank}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if init_samples <= 0:
-        raise ValueError(f"init_samples must be > 0, got {init_samples}")
-    if not (init_gamma > 0 and math.isfinite(init_gamma)):
-        raise ValueError(f"init_gamma must be > 0, got {init_gamma}")

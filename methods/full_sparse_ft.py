@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.registry import Method, MethodContext, register_method
-from lorsbench.methods._adapter import AdapterLinear, attach_adapters, merge_adapters, merge_dtype
+from lorsbench.methods._adapter import AdapterLinear, AdapterMethod, attach_adapters, merge_dtype
+from lorsbench.registry import MethodContext, register_method
 from lorsbench.pruning.masks import MaskSet
 
 
@@ -39,7 +39,7 @@ class SparseTrainableLinear(AdapterLinear):
 
 
 @register_method("full_sparse_ft")
-class FullSparseFT(Method):
+class FullSparseFT(AdapterMethod):
     preserves_sparsity = True
 
     @dataclass(frozen=True)
@@ -47,8 +47,5 @@ class FullSparseFT(Method):
         targets: tuple[str, ...] | None = None  # None: the run's targets
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
-        return attach_adapters(model, masks, self.config.targets or ctx.targets,
+        return attach_adapters(model, masks, self.target_names(ctx),
                                lambda name, linear, mask: SparseTrainableLinear(linear, mask))
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_adapters(model)

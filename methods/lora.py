@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import (
-    AdapterLinear, attach_adapters, lora_factors, merge_adapters, merge_dtype, scaling_factor,
+    AdapterLinear, AdapterMethod, LowRankDropoutConfig, attach_adapters, lora_factors, merge_dtype,
 )
+from lorsbench.registry import MethodContext, register_method
 from lorsbench.pruning.masks import MaskSet
 
 
@@ -42,32 +42,22 @@ class LoRALinear(AdapterLinear):
 
 
 @register_method("lora")
-class LoRA(Method):
+class LoRA(AdapterMethod):
     preserves_sparsity = False
 
     @dataclass(frozen=True)
-    class Config:
-        rank: int = 8
-        alpha: float = 16.0
-        scaling: str = "alpha_over_r"
-        dropout: float = 0.0
-        targets: tuple[str, ...] | None = None  # None: the run's targets
+    class Config(LowRankDropoutConfig):  # rank 16, alpha 32: s = 2
         merge: str = "dense"  # dense | remask
 
         def __post_init__(self):
-            scaling_factor(self.scaling, self.alpha, self.rank)
+            super().__post_init__()
             if self.merge not in ("dense", "remask"):
                 raise ValueError(f"merge must be dense or remask, got {self.merge!r}")
-            if self.rank <= 0:
-                raise ValueError(f"rank must be > 0, got {self.rank}")
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
         c = self.config
-        s = scaling_factor(c.scaling, c.alpha, c.rank)
+        s = c.scaling_value
         return attach_adapters(
-            model, masks, c.targets or ctx.targets,
+            model, masks, self.target_names(ctx),
             lambda name, linear, mask: LoRALinear(linear, mask, c.rank, s, c.dropout, c.merge == "remask", ctx.generator),
         )
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_adapters(model)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorsbench.methods._lors import GRAD_SCALES, LoRSBase, LoRSConfig
 from lorsbench.registry import register_method
-from lorsbench.methods._lors import GRAD_SCALES, LoRSBase, check_common
-from lorsbench.methods._lors_triton import check_kernel
 
 
 @register_method("lors")
@@ -22,22 +21,11 @@ class LoRS(LoRSBase):
     exact = False
 
     @dataclass(frozen=True)
-    class Config:
-        rank: int = 16
-        alpha: float = 16.0
-        scaling: str = "alpha_over_sqrt_r"  # s = alpha / sqrt(r) = 4 at the defaults (authors' scripts)
+    class Config(LoRSConfig):
         grad_scale: str = "one"  # one (authors' code drops s from the adapter gradient) | s
-        init: str = "grad_svd"  # grad_svd (5.4) | lora (V kaiming-uniform, U = 0)
-        init_samples: int = 16  # training examples for the gradient estimate (paper: 128)
-        init_gamma: float = 1.0  # V = Q_rᵀ / gamma (authors' stable_gamma)
-        kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
-        mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
-        targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):
-            check_common(self.rank, self.alpha, self.scaling, self.init, self.init_samples, self.init_gamma,
-                         self.kernel, self.mask_source)
-            check_kernel(self.kernel)
+            super().__post_init__()
             if self.grad_scale not in GRAD_SCALES:
                 raise ValueError(f"grad_scale must be one of {', '.join(GRAD_SCALES)}, got {self.grad_scale!r}")
 

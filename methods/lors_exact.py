@@ -6,30 +6,12 @@ would give for the masked forward. Costs one extra 2·T·d_in·d_out GEMM per la
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from lorsbench.methods._lors import LoRSBase, LoRSConfig
 from lorsbench.registry import register_method
-from lorsbench.methods._lors import LoRSBase, check_common
-from lorsbench.methods._lors_triton import check_kernel
 
 
 @register_method("lors_exact")
 class LoRSExact(LoRSBase):
     exact = True
 
-    @dataclass(frozen=True)
-    class Config:
-        rank: int = 16
-        alpha: float = 16.0
-        scaling: str = "alpha_over_sqrt_r"  # s = alpha / sqrt(r), as lors
-        init: str = "grad_svd"  # grad_svd | lora
-        init_samples: int = 16
-        init_gamma: float = 1.0
-        kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
-        mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
-        targets: tuple[str, ...] | None = None
-
-        def __post_init__(self):
-            check_common(self.rank, self.alpha, self.scaling, self.init, self.init_samples, self.init_gamma,
-                         self.kernel, self.mask_source)
-            check_kernel(self.kernel)
+    Config = LoRSConfig  # as lors, without grad_scale (the exact gradient has no such choice)

@@ -30,12 +30,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from lorsbench.methods._adapter import attach_adapters, merge_adapters
-from lorsbench.methods.sqft import SQFTLinear
 from torch import nn
 
 from lorsbench.config import ConfigError, RunConfig
-from lorsbench.registry import Method, MethodContext, register_method
+from lorsbench.methods._adapter import AdapterMethod, attach_adapters, check_dropout
+from lorsbench.methods.sqft import SQFTLinear
+from lorsbench.registry import MethodContext, register_method
 from lorsbench.modules import decoder_layers, target_linears
 from lorsbench.pruning.base import Batch
 from lorsbench.pruning.calibration import capture_block_inputs, run_block
@@ -152,7 +152,7 @@ def layer_index(model: nn.Module, targets: tuple[str, ...]) -> dict[str, int]:
 
 
 @register_method("losa")
-class LoSA(Method):
+class LoSA(AdapterMethod):
     preserves_sparsity = True
 
     @dataclass(frozen=True)
@@ -182,8 +182,11 @@ class LoSA(Method):
                                  f"rank_max={self.rank_max}")
             if not 0.0 <= self.delta < 1.0:
                 raise ValueError(f"delta must be in [0, 1), got {self.delta}")
-            if not 0.0 <= self.dropout < 1.0:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            check_dropout(self.dropout)
+
+        @property
+        def scaling_value(self) -> float:
+            return self.scale
 
     def __init__(self, config: Any = None):
         super().__init__(config)
@@ -196,7 +199,7 @@ class LoSA(Method):
         self._errors: list[float] | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "schedule": "cubic s_t = s (1 - (1 - t/T)^3)", "scaling_value": self.config.scale}
+        return {**super().describe(), "schedule": "cubic s_t = s (1 - (1 - t/T)^3)"}
 
     def schedule(self, cfg: RunConfig) -> list[Round]:
         c = self.config
@@ -230,7 +233,7 @@ class LoSA(Method):
         cka = linear_cka_matrix(self._grams)
         redundancy = (cka.sum(1) - cka.diagonal()).numpy()
         self._rates = layer_rates(redundancy, rnd.target_sparsity, c.delta).tolist()
-        layer_of = layer_index(model, c.targets or ctx.targets)
+        layer_of = layer_index(model, self.target_names(ctx))
         return replace(rnd, layer_sparsity={name: self._rates[i] for name, i in layer_of.items()})
 
     def _capture_dense(self, model: nn.Module, ctx: MethodContext) -> None:
@@ -248,7 +251,7 @@ class LoSA(Method):
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
         c = self.config
-        targets = c.targets or ctx.targets
+        targets = self.target_names(ctx)
         mean_rank = c.rank_start + self._round
         layer_of = layer_index(model, targets)
         layers = len(decoder_layers(model))
@@ -276,6 +279,3 @@ class LoSA(Method):
         return {"mean_rank": self.config.rank_start + self._round, "ranks": self._ranks,
                 "recon_error": self._errors, "layer_sparsity_active": self._rates is not None,
                 "layer_sparsity": self._rates}
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_adapters(model)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorsbench.config import ConfigError, PatternConfig
-from lorsbench.registry import Method, MethodContext, register_method
-from lorsbench.methods._adapter import AdapterLinear, attach_adapters, merge_adapters, merge_dtype, scaling_factor
+from lorsbench.methods._adapter import AdapterLinear, AdapterMethod, LowRankDropoutConfig, attach_adapters, merge_dtype
+from lorsbench.registry import MethodContext, register_method
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet, mask_from_scores, nm_valid
 
@@ -128,38 +128,29 @@ class SLoPeLinear(AdapterLinear):
 
 
 @register_method("slope")
-class SLoPe(Method):
+class SLoPe(AdapterMethod):
     preserves_sparsity = False  # the base stays 2:4 during training; the merged HF model is dense
     required_pattern = (2, 4)  # checked at the config edge, before the model loads
 
     @dataclass(frozen=True)
-    class Config:
-        rank: int = 16
-        alpha: float = 1.0
-        scaling: str = "alpha_over_r"  # s = 1 / r, as the repo's (X L) R / r
-        dropout: float = 0.0
+    class Config(LowRankDropoutConfig):
+        alpha: float = 1.0  # s = 1 / r, as the repo's (X L) R / r
         semi_structured: str = "auto"  # auto (CUDA + fp16/bf16 + shapes allow) | on | off (masked dense GEMMs)
-        targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):
-            scaling_factor(self.scaling, self.alpha, self.rank)
-            if self.rank <= 0:
-                raise ValueError(f"rank must be > 0, got {self.rank}")
+            super().__post_init__()
             if self.semi_structured not in SEMI_STRUCTURED:
                 raise ValueError(f"semi_structured must be one of {', '.join(SEMI_STRUCTURED)}, "
                                  f"got {self.semi_structured!r}")
-            if not 0.0 <= self.dropout < 1.0:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {**super().describe(), "scaling_value": scaling_factor(c.scaling, c.alpha, c.rank),
+        return {**super().describe(),
                 "merge": "dense: W_s + s U V (SLoPe deploys the adapter unmerged beside the 2:4 weight)",
                 "backward": "double-pruned dX = dY (W_s ⊙ M_C)"}
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
         c = self.config
-        targets = c.targets or ctx.targets
+        targets = self.target_names(ctx)
         for name, linear in target_linears(model, targets).items():
             mask = masks.get(name)
             d_out, d_in = linear.weight.shape
@@ -170,12 +161,9 @@ class SLoPe(Method):
                     f"slope needs pattern=2of4: the stored mask of {name} ({d_out}x{d_in}) is not 2:4 along the "
                     "input dimension (and both dimensions must be multiples of 4)"
                 )
-        s = scaling_factor(c.scaling, c.alpha, c.rank)
+        s = c.scaling_value
         return attach_adapters(
             model, masks, targets,
             lambda name, linear, mask: SLoPeLinear(linear, mask, c.rank, s, c.dropout, c.semi_structured,
                                                    ctx.generator),
         )
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_adapters(model)

@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorsbench.config import ConfigError
-from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import (
-    AdapterLinear, attach_adapters, kaiming_uniform, merge_adapters, merge_dtype, scaling_factor,
+    AdapterLinear, AdapterMethod, LowRankDropoutConfig, attach_adapters, kaiming_uniform, merge_dtype,
 )
+from lorsbench.registry import MethodContext, register_method
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet
 
@@ -115,36 +115,28 @@ class SPPLinear(AdapterLinear):
 
 
 @register_method("spp")
-class SPP(Method):
+class SPP(AdapterMethod):
     preserves_sparsity = True
 
     @dataclass(frozen=True)
-    class Config:
-        rows: int = 16  # R: rows of α, hard-coded 16 in the authors' DiagonalLinear
+    class Config(LowRankDropoutConfig):
         rank: int = 8  # only sets s = alpha / rank (the repo's lora_r); the adapter has `rows` rows
-        alpha: float = 16.0
-        scaling: str = "alpha_over_r"  # s = 16 / 8 = 2 at the authors' defaults
+        alpha: float = 16.0  # s = 16 / 8 = 2 at the authors' defaults
         dropout: float = 0.05  # applied to the adapter input only, as the repo
+        rows: int = 16  # R: rows of α, hard-coded 16 in the authors' DiagonalLinear
         form: str = "expanded"  # expanded (custom function) | grouped (4.3, checkpointed)
-        targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):
-            scaling_factor(self.scaling, self.alpha, self.rank)
+            super().__post_init__()
             if self.rows <= 0:
                 raise ValueError(f"rows must be > 0, got {self.rows}")
             if self.form not in FORMS:
                 raise ValueError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
-            if not 0.0 <= self.dropout < 1.0:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {**super().describe(), "scaling_value": scaling_factor(c.scaling, c.alpha, c.rank)}
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
         c = self.config
-        s = scaling_factor(c.scaling, c.alpha, c.rank)
-        targets = c.targets or ctx.targets
+        s = c.scaling_value
+        targets = self.target_names(ctx)
         for name, linear in target_linears(model, targets).items():  # fail before touching the model
             if linear.weight.shape[0] % c.rows:
                 raise ConfigError(f"{name}: spp needs d_out divisible by rows={c.rows}; "
@@ -153,7 +145,4 @@ class SPP(Method):
             model, masks, targets,
             lambda name, linear, mask: SPPLinear(linear, mask, c.rows, s, c.dropout, c.form, ctx.generator),
         )
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_adapters(model)
 

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsbench.registry import Method, MethodContext, register_method
 from lorsbench.methods._adapter import (
-    AdapterLinear, attach_adapters, lora_factors, merge_adapters, merge_dtype, scaling_factor,
+    AdapterLinear, AdapterMethod, LowRankDropoutConfig, attach_adapters, lora_factors, merge_dtype,
 )
+from lorsbench.registry import MethodContext, register_method
 from lorsbench.modules import decoder_layers
 from lorsbench.pruning.masks import MaskSet
 
@@ -169,32 +169,24 @@ def _sample_layer_rank(modules: list[SQFTLinear], space: tuple[int, ...], rng: r
 
 
 @register_method("sqft")
-class SQFT(Method):
+class SQFT(AdapterMethod):
     preserves_sparsity = True
 
     @dataclass(frozen=True)
-    class Config:
-        rank: int = 32  # r_max of the super-adapter when nls=true
-        alpha: float = 64.0
-        scaling: str = "alpha_over_r"  # s = 64 / 32 = 2 (SQFT runs)
+    class Config(LowRankDropoutConfig):  # rank: r_max of the super-adapter when nls=true; alpha 32: s = 2
         dropout: float = 0.1
         quantize: str = "none"  # none | int4 (QA-SparsePEFT)
         quant_group_size: int = 128  # input columns per INT4 scale/zero (HF GPTQConfig default)
         nls: bool = False
-        nls_space: tuple[int, ...] = (32, 24, 16)
+        nls_space: tuple[int, ...] = (16, 12, 8)
         nls_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
-        targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):
-            scaling_factor(self.scaling, self.alpha, self.rank)
-            if self.rank <= 0:
-                raise ValueError(f"rank must be > 0, got {self.rank}")
+            super().__post_init__()
             if self.quantize not in QUANTIZE:
                 raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
             if self.quant_group_size <= 0:
                 raise ValueError(f"quant_group_size must be > 0, got {self.quant_group_size}")
-            if not 0.0 <= self.dropout < 1.0:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
             if self.nls:
                 if not self.nls_space or any(not 0 < r <= self.rank for r in self.nls_space):
                     raise ValueError(
@@ -212,7 +204,7 @@ class SQFT(Method):
 
     def describe(self) -> dict[str, Any]:
         c = self.config
-        described = {**super().describe(), "scaling_value": scaling_factor(c.scaling, c.alpha, c.rank)}
+        described = super().describe()
         if c.quantize == "int4":
             described["quant_scheme"] = "int4 asymmetric per-group min-max (RTN) from the sparse base, STE"
         if c.nls:
@@ -221,14 +213,14 @@ class SQFT(Method):
 
     def attach(self, model: nn.Module, masks: MaskSet, ctx: MethodContext) -> list[nn.Parameter]:
         c = self.config
-        s = scaling_factor(c.scaling, c.alpha, c.rank)
+        s = c.scaling_value
 
         def make(name: str, linear: nn.Linear, mask: torch.Tensor) -> SQFTLinear:
             elastic = c.nls and name.rsplit(".", 1)[-1] in c.nls_targets
             return SQFTLinear(linear, mask, c.rank, s, c.dropout, c.quantize, c.quant_group_size,
                               c.nls_merge_rank if elastic else c.rank, ctx.generator)
 
-        trainable = attach_adapters(model, masks, c.targets or ctx.targets, make)
+        trainable = attach_adapters(model, masks, self.target_names(ctx), make)
         if c.nls:
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
             for layer in decoder_layers(model):
@@ -247,4 +239,4 @@ class SQFT(Method):
         self._hooks = []
         if self.config.quantize == "int4":
             self.packed_int4 = {name: m.pack_int4() for name, m in model.named_modules() if isinstance(m, SQFTLinear)}
-        return merge_adapters(model)
+        return super().merge(model)

@@ -17,8 +17,13 @@ def list_pruners() -> list[str]:
     return sorted(_PRUNERS)
 
 
+def pruner_class(name: str) -> type:
+    """The Pruner class registered under `name`."""
+    if name not in _PRUNERS:
+        raise unknown_name_error("pruner", name, list_pruners())
+    module_name, _, class_name = _PRUNERS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def build_pruner(config: PruningConfig):
-    if config.name not in _PRUNERS:
-        raise unknown_name_error("pruner", config.name, list_pruners())
-    module_name, _, class_name = _PRUNERS[config.name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)(config)
+    return pruner_class(config.name)(config)
