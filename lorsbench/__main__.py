@@ -119,7 +119,7 @@ def main(cfg: DictConfig) -> str | None:
     return None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m lorsbench ...` and `lorsbench run ...` (lorsbench.cli)
     problem = _output_root_problem(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -306,7 +306,7 @@ def test_perplexity_rejects_stride_longer_than_window(tiny_model, tokenizer):
 # ------------------------------------------------------------------------------------------- suite selection
 
 def test_selection_needs_two_standard_errors_above_both_baselines():
-    from lorsbench.evaluation.select_suite import judge
+    from lorsbench.studies.select_suite import judge
 
     # 0.60 looks above chance (0.5) but not above a 0.55 majority label: z = 0.05 / sqrt(.55 * .45 / 200) = 1.42
     unbalanced = judge("binary", 200, 0.5, 0.55, 0.60, 0.035, 0.6, 1.0)
@@ -318,7 +318,7 @@ def test_selection_needs_two_standard_errors_above_both_baselines():
 
 
 def test_selection_rewrites_only_the_task_list_of_the_offline_config(tmp_path):
-    from lorsbench.evaluation.select_suite import REPO, update_offline_config
+    from lorsbench.studies.select_suite import REPO, update_offline_config
 
     path = tmp_path / "offline.yaml"
     original = (REPO / "conf" / "eval" / "bigbench.yaml").read_text()
@@ -329,6 +329,20 @@ def test_selection_rewrites_only_the_task_list_of_the_offline_config(tmp_path):
     assert {k: v for k, v in loaded.items() if k != "tasks"} == {k: v for k, v in before.items() if k != "tasks"}
     assert [l for l in path.read_text().splitlines() if l.startswith("#")] == \
         [l for l in original.splitlines() if l.startswith("#")]
+
+
+def test_selection_only_shows_the_change_without_write(tmp_path):
+    """select-suite never rewrites the conf silently: without --write it prints the diff and leaves the file."""
+    from lorsbench.studies.select_suite import REPO, offline_config_diff
+
+    path = tmp_path / "bigbench.yaml"
+    original = (REPO / "conf" / "eval" / "bigbench.yaml").read_text()
+    path.write_text(original)
+    diff = offline_config_diff(path, ["physics"])
+    assert path.read_text() == original
+    assert "+tasks: [physics]" in diff and any(l.startswith("-tasks: [") for l in diff.splitlines())
+    current = yaml.safe_load(original)["tasks"]
+    assert offline_config_diff(path, current) == ""
 
 
 def test_perplexity_digest_identifies_the_scored_text(tiny_model, tokenizer, heldout_ids, cached_corpus, monkeypatch):

@@ -1,4 +1,4 @@
-"""Choose the offline evaluation suite by measurement: `python -m lorsbench.evaluation.select_suite`.
+"""Choose the offline evaluation suite by measurement: `python -m lorsbench.studies.select_suite`.
 
 The dense default model (bf16, CPU) is scored with lm-eval on candidate BIG-bench multiple-choice tasks, converted
 exactly as the offline suite converts them (same seed, same <= 200-document subset, choices shuffled). A task is
@@ -9,13 +9,14 @@ kept when its accuracy is at least 2 standard errors above the better of two bas
 With b = max(chance, majority) and n documents, z = (acc - b) / sqrt(b (1 - b) / n) (one-sided binomial test of
 the baseline); kept iff z >= 2. Tasks used for training (conf/data/bigbench_mix.yaml) are never candidates.
 
-Writes `results/eval_suite/selection.csv`, `selection.md`, lm-eval's raw JSON per task, and sets the `tasks:` of
-`conf/eval/bigbench.yaml` to the kept tasks (ordered by z).
+Writes `results/eval_suite/selection.csv`, `selection.md`, lm-eval's raw JSON per task, and prints how the
+`tasks:` of `conf/eval/bigbench.yaml` would change to the kept tasks (ordered by z); `--write` rewrites it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 import os
@@ -112,7 +113,7 @@ def write_markdown(rows: list[TaskSelection], path: Path, meta: dict) -> None:
     lines = [
         "# Offline evaluation suite: selection by measurement",
         "",
-        f"Measured {meta['date']} by `python -m lorsbench.evaluation.select_suite` ({meta['wall_min']:.1f} min).",
+        f"Measured {meta['date']} by `python -m lorsbench.studies.select_suite` ({meta['wall_min']:.1f} min).",
         "",
         f"- Model: the dense default `{meta['model']}` ({meta['model_source']}), dtype {meta['dtype']}, "
         f"device {meta['device']} ({meta['threads']} torch thread(s), {meta['machine']}, {os.cpu_count()} cores "
@@ -143,9 +144,8 @@ def write_markdown(rows: list[TaskSelection], path: Path, meta: dict) -> None:
     path.write_text("\n".join(lines))
 
 
-def update_offline_config(path: Path, tasks: list[str]) -> None:
-    """Replace the `tasks: [...]` entry of conf/eval/bigbench.yaml, keeping its comments."""
-    text = path.read_text()
+def offline_config_text(text: str, tasks: list[str], where: str = "the offline config") -> str:
+    """`text` (conf/eval/bigbench.yaml) with its `tasks: [...]` entry replaced by `tasks`, comments kept."""
     lines, current = [], "tasks: ["
     for i, task in enumerate(tasks):
         item = task + (", " if i < len(tasks) - 1 else "]")
@@ -157,8 +157,20 @@ def update_offline_config(path: Path, tasks: list[str]) -> None:
     listing = "\n".join(lines)
     new, count = re.subn(r"^tasks:\s*\[[^\]]*\]", lambda _: listing, text, count=1, flags=re.MULTILINE)
     if count != 1:
-        raise RuntimeError(f"no `tasks: [...]` entry found in {path}")
-    path.write_text(new)
+        raise RuntimeError(f"no `tasks: [...]` entry found in {where}")
+    return new
+
+
+def update_offline_config(path: Path, tasks: list[str]) -> None:
+    """Replace the `tasks: [...]` entry of conf/eval/bigbench.yaml, keeping its comments."""
+    path.write_text(offline_config_text(path.read_text(), tasks, str(path)))
+
+
+def offline_config_diff(path: Path, tasks: list[str]) -> str:
+    """The unified diff `update_offline_config(path, tasks)` would apply ('' when nothing changes)."""
+    before = path.read_text()
+    after = offline_config_text(before, tasks, str(path))
+    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), str(path), str(path)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--model-path", help="a local HF model folder instead of the configured default model")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "eval_suite")
-    parser.add_argument("--no-update-config", action="store_true", help="leave conf/eval/bigbench.yaml as is")
+    parser.add_argument("--write", action="store_true",
+                        help="rewrite the tasks of conf/eval/bigbench.yaml (default: print the change only)")
     args = parser.parse_args(argv)
 
     from lorsbench.config import build_run_config
@@ -234,14 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "batch_size": args.batch_size, "max_examples": args.max_examples, "seed": SHUFFLE_SEED, "key": suite.key,
         "load_avg": [round(load_start, 1), round(os.getloadavg()[0], 1)], "versions": _versions(), "python": platform.python_version(),
-        "command": "python -m lorsbench.evaluation.select_suite " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m lorsbench.studies.select_suite " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     write_csv(rows, args.out / "selection.csv")
     write_markdown(rows, args.out / "selection.md", meta)
     (args.out / "selection_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     kept = [r.task for r in rows if r.kept]
-    if not args.no_update_config and kept:
-        update_offline_config(REPO / "conf" / "eval" / "bigbench.yaml", kept)
+    offline = REPO / "conf" / "eval" / "bigbench.yaml"
+    if kept:
+        diff = offline_config_diff(offline, kept)
+        if args.write:
+            update_offline_config(offline, kept)
+            print(f"[select_suite] rewrote {offline}:\n{diff}", file=sys.stderr)
+        else:
+            print(f"[select_suite] {offline} would change as below (pass --write to apply):\n{diff or '(no change)'}",
+                  file=sys.stderr)
     print(f"[select_suite] kept {len(kept)} of {len(rows)}: {kept}; wrote {args.out}", file=sys.stderr)
     return 0
 
