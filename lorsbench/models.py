@@ -424,18 +424,3 @@ def _ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.padding_side = "right"
-
-
-def model_summary(loaded: LoadedModel) -> dict[str, object]:
-    """A few facts for the run record."""
-    model = loaded.model
-    return {
-        "source": loaded.source,
-        "weights": loaded.weights,
-        "class": type(model).__name__,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "num_layers": model.config.num_hidden_layers,
-        "hidden_size": model.config.hidden_size,
-        "vocab_size": model.config.vocab_size,
-    }

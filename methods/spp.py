@@ -12,7 +12,6 @@ custom autograd function that saves only D(X), α, β (and a reference to W) and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F

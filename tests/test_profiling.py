@@ -38,7 +38,8 @@ def test_warmup_excluded_median_and_p90():
 
 def test_no_measured_steps_gives_none():
     timer = StepTimer(warmup_steps=3, clock=FakeClock([1.0]))
-    timer.start(); timer.stop()
+    timer.start()
+    timer.stop()
     assert timer.summary()["step_ms_median"] is None
 
 

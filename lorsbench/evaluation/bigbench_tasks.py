@@ -220,8 +220,6 @@ def convert_suite(tasks: list[str] | tuple[str, ...], cache_dir: Path, max_examp
                 chance_acc=sum(1.0 / len(doc["choices"]) for doc in documents) / len(documents),
                 majority_acc=golds.most_common(1)[0][1] / len(documents), target_delimiter=delimiter,
             ))
-        suite = ConvertedSuite(include_path=root, key=key, seed=seed, max_examples_per_task=max_examples_per_task,
-                               tasks=tuple(converted))
         files = {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         with open(staging / MANIFEST, "w") as handle:
             json.dump({"format": FORMAT_VERSION, "key": key, "seed": seed,

@@ -128,7 +128,7 @@ def write_markdown(rows: list[TaskSelection], path: Path, meta: dict) -> None:
         f"- Candidates ({len(rows)}): research/environment.md section 4c's 31 screened tasks minus the training "
         f"tasks of conf/data/bigbench_mix.yaml, minus two costly far-from-threshold ones (see CANDIDATES).",
         f"- Command: `{meta['command']}`",
-        f"- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", Python {meta['python']}.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", Python {meta['python']}.",
         "",
         f"**Kept ({len(kept)}):** " + (", ".join(kept) if kept else "none"),
         "",
