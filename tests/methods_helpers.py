@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lorsbench.composition import default_targets
 from lorsbench.config import PatternConfig
 from lorsbench.registry import MethodContext
 from lorsbench.modules import target_linears
 from lorsbench.pruning.masks import MaskSet, apply_masks, mask_from_scores
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = default_targets()
 VOCAB = 64
 PATTERNS = {
     "unstructured": PatternConfig(name="unstructured"),

@@ -189,11 +189,12 @@ def test_lors_linear_triton_and_torch_give_the_same_gradients(exact, kernel):
 def test_lors_module_on_a_tiny_model_trains_the_same_with_every_kernel():
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lorsbench.composition import default_targets
     from lorsbench.config import PatternConfig, PruningConfig
-    from lorsbench.registry import MethodContext
     from lorsbench.pruning import build_pruner
+    from lorsbench.registry import MethodContext
 
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets = default_targets()
     losses, grads = {}, {}
     variants = {"torch": "weight", "triton": "weight", "triton_stored": "stored", "fused": "stored"}
     for variant, mask_source in variants.items():

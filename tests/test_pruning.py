@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from lorsbench.composition import default_targets
 from lorsbench.config import CalibrationConfig, ConfigError, PatternConfig, PruningConfig, build_run_config
 from lorsbench.modules import target_linears
 from lorsbench.pruning import build_pruner
@@ -16,7 +17,7 @@ from lorsbench.pruning.masks import MaskSet, mask_from_scores, nm_valid
 from lorsbench.pruning.sparsegpt import InputHessian, sparsegpt_prune
 from lorsbench.pruning.wanda import InputNorms, wanda_mask
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = default_targets()
 UNSTRUCTURED = PatternConfig("unstructured")
 NM = [PatternConfig("2of4", 2, 4), PatternConfig("4of8", 4, 8)]
 PRUNERS = ["magnitude", "wanda", "sparsegpt"]
@@ -301,3 +302,18 @@ def test_plain_bool_mask_files_still_load(tmp_path):
     save_file({"m": mask.to(torch.uint8)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="expected bool"):
         MaskSet.load(tmp_path / "bad.safetensors")
+
+
+def test_pruner_names_match_their_registry_keys_and_conf_files():
+    """Registry key == the class's `name` == conf/pruning/<name>.yaml stem (and its `name:`)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from lorsbench.pruning import list_pruners, pruner_class
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "pruning"
+    assert sorted(p.stem for p in conf.glob("*.yaml")) == list_pruners()
+    for key in list_pruners():
+        assert pruner_class(key).name == key
+        assert OmegaConf.load(conf / f"{key}.yaml").name == key

@@ -26,11 +26,10 @@ from typing import Any, Iterator
 
 import torch
 
+from lorsbench.composition import compose_config
 from lorsbench.config import ConfigError, MethodSpec, RunConfig
 from lorsbench.records import failure_status, write_text_atomic
 
-REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
 PRESET = "bench"  # conf/experiment/bench.yaml
 GIB = float(1 << 30)
 TOP_KERNELS = 5  # kernels listed per profiled cell: where the time beyond the FLOP floor goes
@@ -152,21 +151,6 @@ def cell_overrides(spec: CellSpec) -> list[str]:
             raise ConfigError(f"override '{item}' is not key=value")
         put(key.strip(), value.strip())
     return [f"{key}={value}" for key, value in values.values()]
-
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    """`conf/config.yaml` + overrides, composed by Hydra and resolved (as `python -m lorsbench` does)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        return OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def compose_cell(spec: CellSpec) -> RunConfig:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from lorsbench.composition import default_targets
 from lorsbench.config import CalibrationConfig, ModelConfig, PatternConfig, PerplexityConfig, PruningConfig
 from lorsbench.modules import target_linears
 from lorsbench.pruning.artifacts import prune_model
 from lorsbench.pruning.calibration import calibration_source
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = default_targets()
 PATTERNS = {
     "unstructured": PatternConfig("unstructured"),
     "2of4": PatternConfig("2of4", 2, 4),

@@ -82,15 +82,6 @@ def judge(task: str, n: int, chance: float, majority: float, acc: float, acc_std
                          acc_stderr=acc_stderr, acc_norm=acc_norm, z=z, kept=z >= Z_KEEP, eval_s=eval_s)
 
 
-def _compose(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -186,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the tasks of conf/eval/bigbench.yaml (default: print the change only)")
     args = parser.parse_args(argv)
 
+    from lorsbench.composition import compose_config
     from lorsbench.config import build_run_config
     from lorsbench.evaluation.bigbench_tasks import SHUFFLE_SEED, convert_suite
     from lorsbench.evaluation.lm_eval_runner import PreparedEval, evaluate_tasks
@@ -195,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = ["eval=bigbench", "device=cpu"] + ([f"dtype={args.dtype}"] if args.dtype else [])
-    run_cfg = build_run_config(_compose(overrides))
+    run_cfg = build_run_config(compose_config(overrides))
     training = set(run_cfg.data.tasks)
     candidates = [t for t in args.tasks if t not in training]
     dropped = sorted(set(args.tasks) & training)
