@@ -21,6 +21,7 @@ from torch import nn
 
 from lorsbench.config import MethodSpec, PatternConfig, RunConfig, check_number
 from lorsbench.errors import Batch, ConfigError, unknown_name_error
+from lorsbench.method_sources import DEFAULT_REPORT_ORDER
 from lorsbench.pruning.masks import MaskSet
 from lorsbench.schedule import Round, default_schedule
 
@@ -59,6 +60,10 @@ class Method(ABC):
     # The tuner of the method's own GPU kernels, for `python -m lorsbench.bench.layer --tune`:
     # (device, dtype, time_ms, **options) -> an object with `markdown` and `files`; None: nothing to tune.
     kernel_tuner: ClassVar[Callable[..., Any] | None] = None
+    # Where the method's rows go in report tables, ascending; ties (and the default, shared with names the
+    # registry does not know, such as the benchmark's peers) by name.
+    # (lorsbench.method_sources reads it from the source: a plain integer literal in the class body.)
+    report_order: ClassVar[int] = DEFAULT_REPORT_ORDER
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

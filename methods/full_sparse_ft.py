@@ -41,6 +41,7 @@ class SparseTrainableLinear(AdapterLinear):
 @register_method("full_sparse_ft")
 class FullSparseFT(AdapterMethod):
     preserves_sparsity = True
+    report_order = 70
 
     @dataclass(frozen=True)
     class Config:

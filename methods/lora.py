@@ -44,6 +44,7 @@ class LoRALinear(AdapterLinear):
 @register_method("lora")
 class LoRA(AdapterMethod):
     preserves_sparsity = False
+    report_order = 10
 
     @dataclass(frozen=True)
     class Config(LowRankDropoutConfig):  # rank 16, alpha 32: s = 2

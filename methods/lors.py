@@ -19,6 +19,7 @@ from lorsbench.registry import register_method
 @register_method("lors")
 class LoRS(LoRSBase):
     exact = False
+    report_order = 40
 
     @dataclass(frozen=True)
     class Config(LoRSConfig):

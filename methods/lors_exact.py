@@ -13,5 +13,6 @@ from lorsbench.registry import register_method
 @register_method("lors_exact")
 class LoRSExact(LoRSBase):
     exact = True
+    report_order = 50
 
     Config = LoRSConfig  # as lors, without grad_scale (the exact gradient has no such choice)

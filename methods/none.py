@@ -12,6 +12,7 @@ from lorsbench.pruning.masks import MaskSet
 @register_method("none")
 class NoFineTuning(Method):
     preserves_sparsity = True
+    report_order = 0
     trains = False
 
     @dataclass(frozen=True)

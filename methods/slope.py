@@ -130,6 +130,7 @@ class SLoPeLinear(AdapterLinear):
 @register_method("slope")
 class SLoPe(AdapterMethod):
     preserves_sparsity = False  # the base stays 2:4 during training; the merged HF model is dense
+    report_order = 60
     required_pattern = (2, 4)  # checked at the config edge, before the model loads
 
     @dataclass(frozen=True)

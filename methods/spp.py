@@ -116,6 +116,7 @@ class SPPLinear(AdapterLinear):
 @register_method("spp")
 class SPP(AdapterMethod):
     preserves_sparsity = True
+    report_order = 20
 
     @dataclass(frozen=True)
     class Config(LowRankDropoutConfig):

@@ -171,6 +171,7 @@ def _sample_layer_rank(modules: list[SQFTLinear], space: tuple[int, ...], rng: r
 @register_method("sqft")
 class SQFT(AdapterMethod):
     preserves_sparsity = True
+    report_order = 30
 
     @dataclass(frozen=True)
     class Config(LowRankDropoutConfig):  # rank: r_max of the super-adapter when nls=true; alpha 32: s = 2

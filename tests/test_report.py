@@ -207,3 +207,16 @@ def test_fmt_stats_and_pareto_front():
     assert fmt_stats(pd.Series([0.5]), 100) == "50.00" and fmt_stats(pd.Series([None], dtype=float)) == "—"
     points = pd.DataFrame({"m": [1.0, 2.0, 3.0, 1.5, 2.5], "a": [40.0, 45.0, 44.0, 39.0, 46.0]})
     assert pareto_front(points, "m", "a").index.tolist() == [0, 1, 4]
+
+
+def test_report_order_read_from_the_method_sources_is_the_classes():
+    """The report sorts methods without importing them; what it reads equals each registered class's attribute."""
+    from lorsbench.method_sources import report_orders
+    from lorsbench.registry import get_method, list_methods
+
+    orders = report_orders()
+    assert sorted(orders) == list_methods()
+    assert orders == {name: get_method(name).report_order for name in list_methods()}
+    from lorsbench.report.collect import method_rank
+
+    assert sorted(orders, key=method_rank)[:3] == ["none", "lora", "spp"]

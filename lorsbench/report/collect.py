@@ -10,6 +10,7 @@ failure is never silently dropped. Seeds are not aggregated here (that is `table
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,8 +24,6 @@ from lorsbench.records import RECORD_FILE, liveness, validate_record
 
 PHASES = ("load", "prune", "train", "eval")
 STAGES = ("after_prune", "after_train", "after_merge")
-# Display order of methods (unknown ones follow alphabetically); 'none' is the pruned-only row.
-METHOD_ORDER = ("none", "lora", "spp", "sqft", "lors", "lors_exact", "slope", "full_sparse_ft")
 # Run factors besides the method's own config that make two runs of one method different rows.
 VARIANT_KEYS = ("lr", "max_steps", "seq_len", "data")
 
@@ -190,9 +189,19 @@ def _flatten(record: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return row
 
 
+@functools.cache
+def _method_order() -> tuple[dict[str, int], int]:
+    """The registered methods' `report_order`s, and the default one (names without one sort among it by name)."""
+    from lorsbench.method_sources import DEFAULT_REPORT_ORDER, report_orders
+
+    return report_orders(), DEFAULT_REPORT_ORDER
+
+
 def method_rank(method: Any) -> tuple[int, str]:
+    """Sort key of a method's table rows: its `Method.report_order`, then its name."""
+    orders, default = _method_order()
     name = str(method)
-    return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), name)
+    return orders.get(name, default), name
 
 
 def _add_labels(runs: pd.DataFrame) -> pd.DataFrame:
