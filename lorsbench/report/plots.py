@@ -6,6 +6,7 @@ state, nothing needs a display. Each function returns a Figure, or None when the
 from __future__ import annotations
 
 import io
+import itertools
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -154,7 +155,10 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 def accuracy_vs_memory(long: pd.DataFrame) -> Figure | None:
     """Mean accuracy vs train-phase peak memory, one point per method row of each block, with the Pareto front
-    of the fine-tuned rows (dense and pruned-only train nothing: hollow reference markers, not on the front)."""
+    of the fine-tuned rows (dense and pruned-only train nothing: hollow reference markers, not on the front).
+    Colour = method row, marker = block, each named once in the legend (no per-point labels to overlap)."""
+    from matplotlib.lines import Line2D
+
     runs = per_run(long)
     if "mean_acc" not in runs or "peak_mem_gib_train" not in runs:
         return None
@@ -168,23 +172,30 @@ def accuracy_vs_memory(long: pd.DataFrame) -> Figure | None:
     points["acc"] *= 100
     points["facet"] = _context(points, with_pruner=False, columns=("model", "regime", "device_name"))
     facets = list(dict.fromkeys(points["facet"]))
-    colors = _colors(_ordered_labels(runs))
-    fig = Figure(layout="constrained", figsize=(6.0 * len(facets), 4.5))
+    labels = _ordered_labels(runs)
+    colors = _colors(labels)
+    markers = dict(zip(dict.fromkeys(points["block"]), itertools.cycle("osD^vP*Xh<>p")))
+    fig = Figure(layout="constrained", figsize=(7.5 * len(facets), 4.5))
     axes = fig.subplots(1, len(facets), squeeze=False)[0]
     for ax, facet in zip(axes, facets, strict=True):
         panel = points[points["facet"] == facet]
         tuned = panel[panel["method"] != "none"]
         for _, p in panel.iterrows():
             reference = p["method"] == "none"
-            ax.scatter(p["memory"], p["acc"], s=30, zorder=3, color="none" if reference else colors[p["label"]],
-                       edgecolors=colors[p["label"]])
-            ax.annotate(f"{p['label']}\n{p['block']}", (p["memory"], p["acc"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.scatter(p["memory"], p["acc"], s=36, zorder=3, marker=markers[p["block"]],
+                       color="none" if reference else colors[p["label"]], edgecolors=colors[p["label"]])
+        handles = [Line2D([], [], linestyle="", marker="o", color=colors[label], label=label,
+                          markerfacecolor="none" if (panel.loc[panel["label"] == label, "method"] == "none").all()
+                          else colors[label])
+                   for label in labels if label in set(panel["label"])]
+        handles += [Line2D([], [], linestyle="", marker=markers[block], color="dimgray", markerfacecolor="none",
+                           label=block) for block in dict.fromkeys(panel["block"])]
         if not tuned.empty:
             front = pareto_front(tuned, "memory", "acc")
-            ax.plot(front["memory"], front["acc"], color="black", alpha=0.5, drawstyle="steps-post",
-                    marker="o", markersize=9, markerfacecolor="none", label="Pareto front (fine-tuned rows)")
-            ax.legend(fontsize=7)
+            handles += ax.plot(front["memory"], front["acc"], color="black", alpha=0.5, drawstyle="steps-post",
+                               marker="o", markersize=9, markerfacecolor="none",
+                               label="Pareto front (fine-tuned rows)")
+        ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.set(title=facet or "accuracy vs memory", xlabel=memory_name, ylabel="mean accuracy (%)")
         ax.grid(alpha=0.3)
     return fig
