@@ -19,6 +19,7 @@ from torch import nn
 
 from lorsbench.pruning.base import Pruner
 from lorsbench.pruning.masks import MaskSet, mask_from_scores
+from tests.test_pipeline import TASK_YAML  # an lm-eval task `tiny_mc` over a JSON file
 
 METHOD_FILE = '''
 """`ext_gain`: a trainable per-row gain on the frozen pruned weight, W' = W (1 + g) (sparsity kept)."""
@@ -67,7 +68,7 @@ CONF = {
                            "architecture: null\n",
     "eval/ext_suite.yaml": textwrap.dedent("""\
         suite: ext_suite
-        tasks: [ext_mc]
+        tasks: [tiny_mc]
         max_examples_per_task: null
         limit: null
         batch_size: 4
@@ -75,22 +76,6 @@ CONF = {
         perplexity: {source: pydoc, window: 64, stride: 64, max_tokens: 200, batch_size: 2}
         """),
 }
-
-TASK_YAML = """task: ext_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-metadata: {{version: 0}}
-"""
-
 
 class RandomScorePruner(Pruner):
     """A pruner plug-in: random scores (seeded by its one option), one threshold per matrix."""
@@ -164,9 +149,9 @@ def plugins(tmp_path, monkeypatch):
     # eval suite: the preparer and its SUITES entry (+ YAML); here lm-eval task YAMLs in a folder
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    docs = [{"prompt": f"Q: Is {i} even?\nA:", "choices": [" yes", " no"], "gold": i % 2} for i in range(8)]
-    (tasks / "ext_mc.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    (tasks / "ext_mc.yaml").write_text(TASK_YAML.format(data=tasks / "ext_mc.jsonl"))
+    docs = [{"prompt": f"Q: Is {i} even?\nA:", "choices": ["yes", "no"], "gold": i % 2} for i in range(8)]
+    (tasks / "tiny_mc.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tasks / "tiny_mc.jsonl"))
 
     def prepare(config, cache_dir):
         return lm_eval_runner.PreparedEval(suite="ext_suite", lm_eval_tasks=tuple(config.tasks),
@@ -210,7 +195,7 @@ def test_each_extension_point_works_through_the_pipeline_and_report(plugins, com
     assert record["method_config"] == {"init": 0.0, "targets": cfg.pruning.targets}
     assert record["trainable_params"] > 0 and record["mask_preserved_after_merge"] is True
     assert record["sparsity_after_merge"] == pytest.approx(0.5, abs=0.01)
-    assert set(record["tasks"]) == {"ext_mc"} and record["mean_acc"] is not None
+    assert set(record["tasks"]) == {"tiny_mc"} and record["mean_acc"] is not None
     assert record["merged_weight_norm"] > 0
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert validate_record(saved) == [] and unknown_fields(saved) == []
