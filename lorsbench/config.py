@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -285,7 +285,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     ppl_raw = eval_raw.pop("perplexity", None)
     evaluation = _build(EvalConfig, {**eval_raw, "perplexity": None}, "eval")
     if ppl_raw:
-        evaluation = _replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
+        evaluation = replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
     _check_choice("eval.data_source", evaluation.data_source, EVAL_DATA_SOURCES)
     _check_eval(evaluation)
     if evaluation.limit is not None and not cfg.get("smoke", False):
@@ -369,9 +369,3 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, Mapping):
         return [k for key, value in node.items() for k in _missing_keys(value, f"{prefix}{key}.")]
     return [prefix.rstrip(".")] if node == "???" else []
-
-
-def _replace(obj, **changes):
-    from dataclasses import replace
-
-    return replace(obj, **changes)
