@@ -230,11 +230,12 @@ class LoRSConfig(LowRankConfig):
 
     alpha: float = 16.0
     scaling: str = "alpha_over_sqrt_r"  # s = alpha / sqrt(r) = 4 at the defaults (authors' scripts)
-    init: str = "grad_svd"  # grad_svd (5.4) | lora (V kaiming-uniform, U = 0)
+    init: str = "grad_svd"  # grad_svd | lora (V kaiming-uniform, U = 0)
     init_samples: int = 16  # training examples for the gradient estimate (paper: 128)
     init_gamma: float = 1.0  # V = Q_rᵀ / gamma (authors' stable_gamma)
     kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
-    mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
+    mask_source: str = "weight"  # weight (M = W != 0, no buffer) | stored (the bool mask on the device)
+                                 # (docs/methods.md §LoRS mask source)
 
     def __post_init__(self):
         super().__post_init__()

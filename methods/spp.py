@@ -124,7 +124,7 @@ class SPP(AdapterMethod):
         alpha: float = 16.0  # s = 16 / 8 = 2 at the authors' defaults
         dropout: float = 0.05  # applied to the adapter input only, as the repo
         rows: int = 16  # R: rows of α, hard-coded 16 in the authors' DiagonalLinear
-        form: str = "expanded"  # expanded (custom function) | grouped (4.3, checkpointed)
+        form: str = "expanded"  # expanded (custom function) | grouped (checkpointed)
 
         def __post_init__(self):
             super().__post_init__()
