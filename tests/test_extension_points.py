@@ -1,4 +1,5 @@
-"""README "Adding a ...": each extension point is the places the README lists, and nothing else.
+"""README "Adding a method" and README "Adding a pruner, a model source, an eval suite or a metric": each
+extension point is the places listed there, and nothing else.
 
 One throwaway plug-in of each kind is added through exactly those places (files in temporary folders that the
 registry and Hydra also search, table entries set with monkeypatch), and one run on a tiny model uses all five
