@@ -106,9 +106,9 @@ CANDIDATES: tuple[TileConfig, ...] = (
 
 # Launch configurations measured best per (kind, d_out, d_in) and token count, from
 # `python -m lorsbench.bench.layer --tune`: (kind, N, K) -> ((min T, config), ...) ascending in T. The per-kind
-# defaults below were, on average over every Llama-3-8B shape and T = 512..8192 on an H100, within 1 % (fwd) and
-# 2 % (dX) of the per-shape winner (worst case 3 % and 32 %: dX of 1024x4096 at T = 512;
-# kernel_tune_all_configs.json), so no per-shape entry is kept: the fused path is not the default anyway.
+# defaults below came close to the per-shape winners over the Llama-3-8B shapes on an H100 (the sweep:
+# results/efficiency/nvidia-h100-80gb-hbm3/kernel_tune_all_configs.json), so no per-shape entry is kept: the fused
+# path is not the default anyway.
 TUNED: dict[tuple[str, int, int], tuple[tuple[int, TileConfig], ...]] = {}
 DEFAULTS = {"fwd": TileConfig(128, 64, 64, 8, 4, 4, True), "dx": TileConfig(128, 128, 64, 8, 8, 3, False)}
 _DEFAULT = TileConfig(128, 128, 64, 8, 8, 3, False)

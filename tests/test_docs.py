@@ -26,6 +26,8 @@ MD_MENTION = re.compile(r"(?<![\w./<>-])((?:[\w.-]+/)*[\w-]+\.md)\b")
 TITLE = r"§([^§()\[\],;:.`'\"\n]+)"
 DOCS_CITATION = re.compile(r"(?<![\w./-])docs/([\w-]+\.md)`?((?:(?:\s+|\s*,\s*|\s+and\s+|\s*/\s*)" + TITLE + r")*)")
 SECTION = re.compile(TITLE)
+# `README "What a run records"`, `results/efficiency/README.md "Protocol"`: a README cited by a heading.
+README_SECTION = re.compile(r'(?<![\w./-])((?:[\w.-]+/)*README(?:\.md)?) "([^"]+)"')
 MD_LINK = re.compile(r"\]\(([^)\s#]*\.md)?(?:#([^)\s]+))?\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
@@ -110,6 +112,13 @@ def citation_problems(text: str, where: Path, repo: Path = REPO) -> list[str]:
                 if title not in known:
                     problems.append(f"{at}: docs/{cite.group(1)} has no heading '{title}' "
                                     f"(headings: {', '.join(sorted(known))})")
+        for readme, title in README_SECTION.findall(line):
+            readme = readme if readme.endswith(".md") else readme + ".md"
+            cited = next((f for f in (repo / readme, where.parent / readme) if f.is_file()), None)
+            if cited is None:
+                problems.append(f"{at}: {readme} does not exist")
+            elif title not in headings(cited):
+                problems.append(f"{at}: {readme} has no heading '{title}'")
         if in_docs:  # a bare §Title inside a docs file names a heading of that file
             known = headings(where)
             for section in SECTION.finditer(line):
@@ -159,6 +168,7 @@ def test_the_checker_catches_each_kind_of_bad_citation(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "m.md").write_text("# M\n\n## LoRS backward\n\n## SPP\n\nsee §SPP and §Nope.\n")
     (tmp_path / "notes.md").write_text("x\n")
+    (tmp_path / "README.md").write_text("# R\n\n## What a run records\n")
     where = tmp_path / "pkg" / "mod.py"
     where.parent.mkdir()
     bad = {
@@ -171,11 +181,13 @@ def test_the_checker_catches_each_kind_of_bad_citation(tmp_path):
         "`docs/m.md` §Nope.": "no heading 'Nope'",
         "(docs/m.md §LoRS\n    forward).": "no heading 'LoRS forward'",
         "(docs/m.md\n# §Nope).": "no heading 'Nope'",
+        '(README "Caches")': "README.md has no heading 'Caches'",
     }
     for text, expected in bad.items():
         found = citation_problems(text, where, repo=tmp_path)
         assert any(expected in p for p in found), f"{text!r} not reported: {found}"
     good = ("(docs/m.md §LoRS backward), docs/m.md §SPP and §LoRS backward; notes.md, docs/m.md\n"
+            '(README "What a run records")\n'
             "(docs/m.md §LoRS\n  backward); docs/m.md\n  §SPP.")
     assert citation_problems(good, where, repo=tmp_path) == []
     inside = citation_problems((tmp_path / "docs" / "m.md").read_text(), tmp_path / "docs" / "m.md", repo=tmp_path)
