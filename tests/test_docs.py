@@ -196,3 +196,25 @@ def test_the_checker_catches_each_kind_of_bad_citation(tmp_path):
     links.write_text("# X\n\n[a](m.md#spp) [b](m.md#lors-forward) [c](gone.md) [d](#x)\n")
     link = [p for p in citation_problems(links.read_text(), links, repo=tmp_path) if "link to" in p]
     assert len(link) == 2 and "m.md#lors-forward" in link[0] and "gone.md" in link[1]
+
+
+OWN_PATH = re.compile(r"`((?:lorsbench|methods|conf|tests|scripts|results|notes|docs)/[\w./<>*-]*)`")
+MODULE = re.compile(r"python -m (lorsbench(?:\.\w+)*)")
+
+
+def test_the_docs_name_files_and_modules_that_exist():
+    """docs/*.md name the code they describe: every repository path in backticks and every `python -m` module
+    there exists (a rename elsewhere must update the docs)."""
+    missing = []
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text(encoding="utf-8")
+        for path in OWN_PATH.findall(text):
+            if "<" in path or "*" in path:  # a pattern (`conf/method/<name>.yaml`): its folder must exist
+                path = path.split("<")[0].split("*")[0].rpartition("/")[0]
+            if not (REPO / path.split(":")[0]).exists() and not path.startswith("results/raw"):  # raw: git-ignored
+                missing.append(f"{doc.name}: `{path}`")
+        for module in MODULE.findall(text):
+            file = REPO / module.replace(".", "/")
+            if not (file.with_suffix(".py").is_file() or (file / "__main__.py").is_file()):
+                missing.append(f"{doc.name}: python -m {module}")
+    assert not missing, "docs name what does not exist:\n" + "\n".join(missing)
