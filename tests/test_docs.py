@@ -76,63 +76,87 @@ def _with_continuation(line: str, following: str) -> str:
     return tail + " " + (rest[: stop.start()] if stop and not rest.startswith("§") else rest)
 
 
+def _outside_and_missing_notes(line: str, where: Path, repo: Path, notes: set[str]) -> list[str]:
+    """Outside notes cited, and Markdown paths that are not files of the repository."""
+    problems = []
+    outside = OUTSIDE.search(line)
+    if outside:
+        problems.append(f"cites '{outside.group(0)}', which is outside the repository (cite docs/ instead)")
+    for mention in MD_MENTION.findall(line):
+        if "://" in line.split(mention)[0][-12:]:
+            continue
+        # a path must exist; a bare name only counts as a citation when it names a note (else: an output file)
+        cites = "/" in mention or mention in notes
+        if cites and not ((repo / mention).is_file() or (where.parent / mention).is_file()):
+            problems.append(f"'{mention}' is not a file of the repository (give its path from the repository root, "
+                            "or from the citing file's folder)")
+    return problems
+
+
+def _docs_sections(line: str, docs: Path) -> tuple[list[str], set[int]]:
+    """`docs/x.md §Title` citations whose file or heading does not exist; also where the attached §s are."""
+    problems, attached = [], set()
+    for cite in DOCS_CITATION.finditer(line):
+        target = docs / cite.group(1)
+        if not target.is_file():
+            listed = ", ".join(sorted(p.name for p in docs.glob("*.md")))
+            problems.append(f"docs/{cite.group(1)} does not exist (docs/: {listed})")
+            continue
+        known = headings(target)
+        for section in SECTION.finditer(cite.group(2)):
+            attached.add(cite.start(2) + section.start())
+            if _title(section.group(1)) not in known:
+                problems.append(f"docs/{cite.group(1)} has no heading '{_title(section.group(1))}' "
+                                f"(headings: {', '.join(sorted(known))})")
+    return problems, attached
+
+
+def _readme_sections(line: str, where: Path, repo: Path) -> list[str]:
+    """`README "Heading"` citations whose README or heading does not exist."""
+    problems = []
+    for readme, title in README_SECTION.findall(line):
+        readme = readme if readme.endswith(".md") else readme + ".md"
+        cited = next((f for f in (repo / readme, where.parent / readme) if f.is_file()), None)
+        if cited is None:
+            problems.append(f"{readme} does not exist")
+        elif title not in headings(cited):
+            problems.append(f"{readme} has no heading '{title}'")
+    return problems
+
+
+def _links(line: str, where: Path) -> list[str]:
+    """Markdown links `[x](file.md#anchor)` to a file or heading that does not exist."""
+    problems = []
+    for target, anchor in MD_LINK.findall(line):
+        if target.startswith("http") or (not target and not anchor):
+            continue
+        linked = (where.parent / target) if target else where
+        if not linked.is_file():
+            problems.append(f"link to {target}, which does not exist")
+        elif anchor and anchor not in {slug(t) for t in headings(linked)}:
+            problems.append(f"link to {target or where.name}#{anchor}, which is not a heading there")
+    return problems
+
+
 def citation_problems(text: str, where: Path, repo: Path = REPO) -> list[str]:
     """What is wrong with the citations in `text` (the contents of file `where`): outside files, Markdown files that
-    do not exist, docs sections that are not headings, broken Markdown links. One line per problem."""
-    problems = []
+    do not exist, docs sections and README headings that do not exist, broken Markdown links. One line each."""
     docs = repo / "docs"
-    in_docs = where.parent == docs
+    notes = OUTSIDE_NAMES | {p.name for folder in ("docs", "notes") for p in (repo / folder).glob("*.md")}
     lines = text.splitlines()
+    problems = []
     for number, line in enumerate(lines, 1):
-        at = f"{where.relative_to(repo) if where.is_relative_to(repo) else where}:{number}"
-        outside = OUTSIDE.search(line)
-        if outside:
-            problems.append(f"{at}: cites '{outside.group(0)}', which is outside the repository (cite docs/ instead)")
-        notes = OUTSIDE_NAMES | {p.name for folder in ("docs", "notes") for p in (repo / folder).glob("*.md")}
-        for mention in MD_MENTION.findall(line):
-            if "://" in line.split(mention)[0][-12:]:
-                continue
-            # a path must exist; a bare name only counts as a citation when it names a note (else: an output file)
-            cites = "/" in mention or mention in notes
-            if cites and not ((repo / mention).is_file() or (where.parent / mention).is_file()):
-                problems.append(f"{at}: '{mention}' is not a file of the repository (give its path from the "
-                                "repository root, or from the citing file's folder)")
+        found = _outside_and_missing_notes(line, where, repo, notes)
         line = _with_continuation(line, lines[number] if number < len(lines) else "")
-        attached: set[int] = set()
-        for cite in DOCS_CITATION.finditer(line):
-            target = docs / cite.group(1)
-            if not target.is_file():
-                problems.append(f"{at}: docs/{cite.group(1)} does not exist (docs/: "
-                                f"{', '.join(sorted(p.name for p in docs.glob('*.md')))})")
-                continue
-            known = headings(target)
-            for section in SECTION.finditer(cite.group(2)):
-                attached.add(cite.start(2) + section.start())
-                title = _title(section.group(1))
-                if title not in known:
-                    problems.append(f"{at}: docs/{cite.group(1)} has no heading '{title}' "
-                                    f"(headings: {', '.join(sorted(known))})")
-        for readme, title in README_SECTION.findall(line):
-            readme = readme if readme.endswith(".md") else readme + ".md"
-            cited = next((f for f in (repo / readme, where.parent / readme) if f.is_file()), None)
-            if cited is None:
-                problems.append(f"{at}: {readme} does not exist")
-            elif title not in headings(cited):
-                problems.append(f"{at}: {readme} has no heading '{title}'")
-        if in_docs:  # a bare §Title inside a docs file names a heading of that file
-            known = headings(where)
-            for section in SECTION.finditer(line):
-                if section.start() not in attached and _title(section.group(1)) not in known:
-                    problems.append(f"{at}: {where.name} has no heading '{_title(section.group(1))}'")
+        sections, attached = _docs_sections(line, docs)
+        found += sections + _readme_sections(line, where, repo)
+        if where.parent == docs:  # a bare §Title inside a docs file names a heading of that file
+            found += [f"{where.name} has no heading '{_title(s.group(1))}'" for s in SECTION.finditer(line)
+                      if s.start() not in attached and _title(s.group(1)) not in headings(where)]
         if where.suffix == ".md":
-            for target, anchor in MD_LINK.findall(line):
-                if target.startswith("http") or (not target and not anchor):
-                    continue
-                linked = (where.parent / target) if target else where
-                if not linked.is_file():
-                    problems.append(f"{at}: link to {target}, which does not exist")
-                elif anchor and anchor not in {slug(t) for t in headings(linked)}:
-                    problems.append(f"{at}: link to {target or where.name}#{anchor}, which is not a heading there")
+            found += _links(line, where)
+        at = f"{where.relative_to(repo) if where.is_relative_to(repo) else where}:{number}"
+        problems += [f"{at}: {problem}" for problem in found]
     return problems
 
 
