@@ -43,9 +43,11 @@ def scanned_files() -> list[Path]:
 
 
 def headings(path: Path) -> set[str]:
-    """The heading titles of a Markdown file (code blocks excluded)."""
+    """The heading titles of a Markdown file (code blocks excluded); a title with a parenthesis or a colon is also
+    known by the words before it (a citation's title ends at punctuation)."""
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
-    return {title.strip() for title in HEADING.findall(text)}
+    titles = {title.strip() for title in HEADING.findall(text)}
+    return titles | {re.split(r"[(:]", title)[0].strip() for title in titles}
 
 
 def slug(title: str) -> str:
