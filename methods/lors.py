@@ -1,12 +1,12 @@
-"""`lors`: LoRS, repo-faithful (Hu et al. 2025, arXiv 2501.08582; methods.md 5).
+"""`lors`: LoRS, repo-faithful (Hu et al. 2025, arXiv 2501.08582; docs/methods.md §LoRS).
 
 Forward `Y = X ((W + s U V) ⊙ M)ᵀ (+ b)` in one GEMM through a custom autograd function that saves only X and
-recomputes W_eff in backward (5.1-5.2). The adapter gradient is the authors' rearranged one,
-`dU = g dYᵀ(X Vᵀ)`, `dV = g (dY U)ᵀ X` (5.3): no d_out×d_in gradient is formed; it equals (1/s) × the gradient
-of *unmasked* LoRA when `grad_scale=one` (the repo), or that gradient itself with `grad_scale=s`.
-`s = α/√r` (rsLoRA-style, r = α = 16 in the authors' scripts). Initialisation `grad_svd` (5.4): V = top-r right
-singular vectors of the mean full-weight gradient on the first `init_samples` training examples, U = 0.
-Merge `W' = (W + s U V) ⊙ M` keeps every pruned weight exactly zero.
+recomputes W_eff in backward (§LoRS forward). The adapter gradient is the authors' rearranged one,
+`dU = g dYᵀ(X Vᵀ)`, `dV = g (dY U)ᵀ X` (§LoRS backward): no d_out×d_in gradient is formed; it equals (1/s) × the
+gradient of *unmasked* LoRA when `grad_scale=one` (the repo), or that gradient itself with `grad_scale=s`.
+`s = α/√r` (rsLoRA-style, r = α = 16 in the authors' scripts). Initialisation `grad_svd` (§LoRS gradient-SVD init):
+V = top-r right singular vectors of the mean full-weight gradient on the first `init_samples` training examples,
+U = 0. Merge `W' = (W + s U V) ⊙ M` keeps every pruned weight exactly zero.
 """
 from __future__ import annotations
 

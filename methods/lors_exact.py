@@ -1,8 +1,8 @@
-"""`lors_exact`: LoRS forward and memory with the exact masked adapter gradient (methods.md 5.6).
+"""`lors_exact`: LoRS forward and memory with the exact masked adapter gradient (docs/methods.md §LoRS exact gradient).
 
 Same operator as `lors` (one GEMM with `W_eff = (W + s U V) ⊙ M`, only X saved, W_eff recomputed), but the
 backward forms `G = dYᵀX` once and returns `dU = s (G ⊙ M) Vᵀ`, `dV = s Uᵀ (G ⊙ M)`: the gradient autograd
-would give for the masked forward. Costs one extra 2·T·d_in·d_out GEMM per layer (methods.md 7.2).
+would give for the masked forward. Costs one extra 2·T·d_in·d_out GEMM per layer (docs/methods.md §Costs).
 """
 from __future__ import annotations
 
