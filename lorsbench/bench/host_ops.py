@@ -78,9 +78,9 @@ def method_row(name: str, tokens: int, repeats: int, device: torch.device) -> di
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorsbench.bench.cell import CellSpec, compose_cell
-    from lorsbench.registry import MethodContext, build_method
-    from lorsbench.methods._adapter import AdapterLinear
+    from lorsbench.modules import target_linears
     from lorsbench.pruning import build_pruner
+    from lorsbench.registry import MethodContext, build_method
 
     torch.manual_seed(0)
     cfg = compose_cell(CellSpec(method=name, rank=16))  # the bench's protocol: magnitude 2:4, r 16, init=lora
@@ -88,11 +88,12 @@ def method_row(name: str, tokens: int, repeats: int, device: torch.device) -> di
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1)).to(device, torch.bfloat16)
     masks = build_pruner(cfg.pruning).prune(model, None, keep_on_device=True)
+    first = next(iter(target_linears(model, targets)))  # the first adapted linear, by its module name
     method = build_method(cfg.method)
     method.attach(model, masks, MethodContext(targets=targets, device=device, dtype=torch.bfloat16,
                                               generator=torch.Generator().manual_seed(0)))
-    module = next((m for m in model.modules() if isinstance(m, AdapterLinear)), None)
-    if module is None:
+    module = model.get_submodule(first)
+    if type(module) is torch.nn.Linear:  # the method left it a plain linear (none): no adapter to count
         return None
     model.train()
     x = torch.randn(tokens, module.in_features, device=device, dtype=torch.bfloat16, requires_grad=True)
