@@ -124,4 +124,8 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if "RANK" in os.environ:  # torchrun: every rank names rank 0's run folder (lorsbench.distributed)
+        from lorsbench.distributed import share_run_stamp
+
+        share_run_stamp()
     main()
