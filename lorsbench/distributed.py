@@ -252,13 +252,7 @@ class FSDP(Single):
             raise RuntimeError(f"the ranks hold different {what}: {values}")
 
     def batches(self, make, micro_batch_size):
-        lo, hi = self.rank * micro_batch_size, (self.rank + 1) * micro_batch_size
-
-        def mine() -> Iterator[Batch]:
-            for batch in make(micro_batch_size * self.world_size):
-                yield {k: v[lo:hi] for k, v in batch.items()}
-
-        return mine
+        return rank_slices(make, micro_batch_size, self.rank, self.world_size)
 
     def shard(self, model, params):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -301,6 +295,18 @@ class FSDP(Single):
         full = self.skeleton
         full.load_state_dict(state, strict=True, assign=True)
         return full.to(self.device)
+
+
+def rank_slices(make: Callable[[int], Iterator[Batch]], rows: int, rank: int,
+                world_size: int) -> Callable[[], Iterator[Batch]]:
+    """A fresh iterator over rows `[rank*rows, (rank+1)*rows)` of every global batch `make(world_size*rows)`."""
+    lo, hi = rank * rows, (rank + 1) * rows
+
+    def mine() -> Iterator[Batch]:
+        for batch in make(rows * world_size):
+            yield {k: v[lo:hi] for k, v in batch.items()}
+
+    return mine
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

@@ -1,0 +1,261 @@
+"""distributed=fsdp on CPU with 2 gloo processes (docs/distributed.md): the sharding helpers, LoRS's per-layer W_eff
+under FSDP2's all-gather, and the whole pipeline through `torchrun --nproc_per_node 2` against one process."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lorsbench import distributed
+from lorsbench.config import MethodSpec
+from lorsbench.errors import ConfigError
+from lorsbench.method import build_method
+from lorsbench.records import RunRecord, read_record, unknown_fields, validate_record
+from tests.conftest import REPO
+from tests.methods_helpers import batches, context, random_masks, tiny_llama
+
+# Losses of the 2-rank run against one process on the same global batch: the gradient is the mean of the two
+# ranks' mean losses (FSDP averages), equal to the one-process mean when both halves carry as many loss tokens
+# (rows filled to seq_len here); only the summation order differs (float32).
+LOSS_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers, in one process
+
+
+def test_rank_rows_of_two_ranks_are_the_global_batch():
+    rows = torch.arange(24).reshape(12, 2)
+
+    def make(n):
+        for start in range(0, 12, n):
+            yield {"input_ids": rows[start:start + n]}
+
+    ranks = [distributed.rank_slices(make, 3, rank, 2) for rank in (0, 1)]
+    for step, (a, b) in enumerate(zip(ranks[0](), ranks[1]())):
+        assert torch.equal(torch.cat([a["input_ids"], b["input_ids"]]), rows[step * 6:(step + 1) * 6])
+    single = distributed.Single(torch.device("cpu")).batches(make, 6)
+    assert torch.equal(next(single())["input_ids"], rows[:6])
+
+
+def test_meta_copy_holds_no_parameter_memory_and_loads_a_full_state_dict():
+    model = tiny_llama(torch.float32)
+    masks = random_masks(model, "unstructured")
+    build_method(MethodSpec("lors", {"init": "lora"})).attach(model, masks, context())
+    skeleton = distributed.meta_copy(model)
+    assert all(p.is_meta for p in skeleton.parameters())
+    shared = dict(model.named_buffers())
+    for name, buffer in skeleton.named_buffers():  # the masks: non-persistent, shared (not copied)
+        if name.endswith(".mask"):
+            assert buffer is shared[name]
+    skeleton.load_state_dict(model.state_dict(), strict=True, assign=True)
+    for (name, a), (_, b) in zip(model.named_parameters(), skeleton.named_parameters()):
+        assert torch.equal(a, b) and a.requires_grad == b.requires_grad, name
+    batch = batches(1)[0]
+    assert torch.equal(model(**batch).logits, skeleton(**batch).logits)
+
+
+def test_rank_files_and_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.rank_file("error.log") == "error.rank1.log"
+    record = distributed.new_record(tmp_path)
+    assert isinstance(record, distributed.RankRecord)
+    record.save()
+    assert not list(tmp_path.iterdir())  # a rank > 0 writes nothing while it works
+    record.update(status="failed", error="RuntimeError: boom", error_type="RuntimeError", phase_failed="attach")
+    record.save()
+    assert not (tmp_path / "run.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.rank_file("error.log") == "error.log"
+    main = distributed.new_record(tmp_path)
+    main.update(status="interrupted", error="interrupted by SIGTERM in phase fine_tune", phase_failed="fine_tune")
+    distributed.blame_failed_rank(main)
+    assert main["status"] == "failed" and main["phase_failed"] == "attach"
+    assert main["error"] == "rank 1: RuntimeError: boom"
+    ok = RunRecord(tmp_path, status="success")
+    distributed.blame_failed_rank(ok)
+    assert ok["status"] == "success"
+
+
+@pytest.mark.parametrize("env, overrides, message", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, [], "add distributed=fsdp"),
+    ({}, ["distributed=fsdp"], "python -m torch.distributed.run"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"},
+     ["distributed=fsdp", "trainer.cuda_graph=true"], "trainer.cuda_graph=false"),
+])
+def test_launch_mismatch_is_a_clear_error(compose, monkeypatch, env, overrides, message):
+    from lorsbench.config import build_run_config
+
+    for key in distributed.LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = build_run_config(compose(["model=tiny-llama", *overrides]))
+    with pytest.raises(ConfigError, match=message):
+        distributed.check_launch(cfg, scheduled=False)
+
+
+def test_bad_strategy_names_the_valid_ones(compose):
+    from lorsbench.config import build_run_config
+
+    with pytest.raises(ConfigError, match="fsdp"):
+        build_run_config(compose(["model=tiny-llama", "distributed.strategy=ddp"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two gloo processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _lors_under_fsdp(rank: int, port: int, out: str) -> None:
+    """One rank: LoRS on a tiny LLaMA sharded by `FSDP.shard` against its unsharded copy (same inputs)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = tiny_llama(torch.float32)
+    masks = random_masks(model, "unstructured")
+    params = build_method(MethodSpec("lors", {"init": "lora"})).attach(model, masks, context())
+    with torch.no_grad():
+        for p in params:  # a non-zero U: the adapter changes W_eff
+            if p.shape[1] == 16:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    reference = copy.deepcopy(model)
+    seen = []
+
+    def look(module, args):
+        seen.append((type(module.weight).__name__, tuple(module.weight.shape), (module.out_features, module.in_features)))
+
+    for module in model.modules():
+        if type(module).__name__ == "LoRSLinear":
+            module.register_forward_pre_hook(look)
+    ranks = distributed.FSDP(torch.device("cpu"))
+    sharded, sharded_params = ranks.shard(model, params)
+    assert all(type(p).__name__ == "DTensor" for p in sharded_params)
+    batch = batches(1, batch_size=2)[0]
+    logits = sharded(**batch).logits
+    sharded(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    ref_grads = [p.grad for p in reference.parameters() if p.requires_grad]
+    grads_match = all(torch.allclose(p.grad.full_tensor(), g, rtol=1e-5, atol=1e-7)
+                      for p, g in zip(sharded_params, ref_grads))
+    full = ranks.full_model(sharded)
+    if rank == 0:
+        state = {k: v for k, v in full.state_dict().items()}
+        same_state = all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
+    else:
+        same_state = full is None
+    Path(out, f"{rank}.json").write_text(json.dumps({
+        "logits_match": torch.allclose(logits, reference(**batch).logits, rtol=1e-5, atol=1e-6),
+        "grads_match": grads_match, "same_state": same_state, "seen": seen,
+    }))
+
+
+def test_lors_w_eff_composes_with_fsdp_all_gather(tmp_path):
+    """In each LoRSLinear forward the weight is the whole gathered d_out x d_in tensor (not a shard), so W_eff is
+    built per layer as in one process: logits, adapter gradients and the gathered state equal the unsharded model's."""
+    torch.multiprocessing.spawn(_lors_under_fsdp, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result["logits_match"] and result["grads_match"] and result["same_state"], result
+        assert result["seen"] and all(kind == "Parameter" and shape == mask for kind, shape, mask in result["seen"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pipeline through torchrun
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
+                                          "output": str(2 * i + 1)}) for i in range(24)))
+    return path
+
+
+def _overrides(data: Path, root: Path, *extra: str) -> list[str]:
+    return ["model=tiny-llama", "dtype=float32", "device=cpu", "data=local", f"data.path={data}",
+            "data.heldout_examples=4", "eval=none", "method=lors", "save_merged=true", "trainer.max_steps=3",
+            "trainer.seq_len=32", "trainer.warmup_steps=1", "profile.warmup_steps=1",
+            f"paths.cache_dir={root / 'cache'}", f"paths.output_root={root / 'out'}", *extra]
+
+
+def _torchrun(args: list[str], script: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *(script or ["-m", "lorsbench"]), *args]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    for key in distributed.LAUNCH_ENV:
+        env.pop(key, None)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_rank_pipeline_matches_one_process(train_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorsbench.modules import target_linears
+    from lorsbench.pruning.artifacts import MASKS_FILE
+    from lorsbench.pruning.masks import MaskSet
+
+    done = _torchrun(_overrides(train_data, tmp_path, "distributed=fsdp", "trainer.micro_batch_size=2"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    folders = [p.parent for p in (tmp_path / "out").glob("runs/*/run.json")]
+    assert len(folders) == 1, folders  # one run folder, one record: rank 0's
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == [folders[0].name]
+    run = folders[0]
+    record = read_record(run)
+    assert record["status"] == "success", record.get("error")
+    assert validate_record(record) == [] and unknown_fields(record) == []
+    assert record["world_size"] == 2 and record["sharding"] == distributed.SHARDING
+    assert record["peak_mem_gib_max_over_ranks"] >= record["peak_mem_gib_rank0"] > 0
+    assert record["tokens_per_step"] == 2 * 2 * 32 and record["tokens_per_s"] > 0
+    assert not list(run.glob("*.rank*"))  # no rank failed
+
+    single = subprocess.run([sys.executable, "-m", "lorsbench", *_overrides(train_data, tmp_path / "one",
+                             "trainer.micro_batch_size=4"), f"hydra.run.dir={tmp_path / 'single'}"],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
+    alone = read_record(tmp_path / "single")
+    assert _losses(run) == pytest.approx(_losses(tmp_path / "single"), rel=LOSS_RTOL)
+    assert record["mask_digest"] == alone["mask_digest"]
+    assert record["val_loss"] == pytest.approx(alone["val_loss"], rel=LOSS_RTOL)
+
+    # the merged model exported by rank 0 against the stored mask artifact (the one rank 0 wrote, rank 1 loaded):
+    # zero exactly where the mask prunes (a kept weight of this random model is never exactly 0)
+    masks = MaskSet.load(Path(record["prune_artifact"]) / MASKS_FILE)
+    model = AutoModelForCausalLM.from_pretrained(run / record["merged_dir"], dtype=torch.float32)
+    linears = target_linears(model, tuple(record["resolved_config"]["targets"]))
+    assert set(masks) == set(linears)
+    for name, linear in linears.items():
+        assert torch.equal(linear.weight != 0, masks[name].to(torch.bool)), name
+    assert record["mask_preserved_after_merge"] is True and record["merged_reload_verified"] is True
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_run_and_every_rank_exits(train_data, tmp_path):
+    done = _torchrun(_overrides(train_data, tmp_path, "distributed=fsdp", "trainer.micro_batch_size=2"),
+                     script=[str(REPO / "tests" / "distributed_fail_rank1.py")])
+    assert done.returncode != 0
+    records = list((tmp_path / "out").glob("runs/*/run.json"))
+    assert len(records) == 1, done.stderr[-4000:]
+    record = read_record(records[0])
+    assert record["status"] == "failed", record
+    assert record["error"] == "rank 1: RuntimeError: planted failure on rank 1" and record["phase_failed"] == "fine_tune"
+    assert (records[0].parent / "error.rank1.log").exists()
