@@ -259,3 +259,33 @@ def test_a_failing_rank_fails_the_run_and_every_rank_exits(train_data, tmp_path)
     assert record["status"] == "failed", record
     assert record["error"] == "rank 1: RuntimeError: planted failure on rank 1" and record["phase_failed"] == "fine_tune"
     assert (records[0].parent / "error.rank1.log").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the efficiency benchmark at several GPUs (item 6 runs on GPUs: scripts/gpu_distributed.sh)
+
+
+def test_bench_refuses_several_gpus_without_them(tmp_path, capsys):
+    from lorsbench.bench.__main__ import main
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    code = main(["--model", "random-llama2-13b", "--methods", "lora", "--seq-lens", "2048", "--nproc", "2",
+                 "--out-dir", str(tmp_path / "bench")])
+    assert code == 2
+    assert "--nproc 2 runs each cell on 2 GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.slow
+def test_bench_cell_under_torchrun_reports_the_world(tmp_path):
+    out = tmp_path / "row.json"
+    done = _torchrun(["--model", "tiny-llama", "--pattern", "2of4", "--method", "lors", "--seq-len", "32",
+                      "--batch-size", "2", "--warmup", "1", "--steps", "2", "--profiled-steps", "0",
+                      "--dtype", "float32", "--device", "cpu", "--json-out", str(out)],
+                     script=["-m", "lorsbench.bench.cell"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    row = json.loads(out.read_text())
+    assert row["status"] == "ok" and row["world_size"] == 2
+    assert row["peak_alloc_gib_max_over_ranks"] >= row["peak_alloc_gib"] > 0
+    assert row["tokens_per_s"] == pytest.approx(2 * 2 * 32 / (row["step_ms_median"] / 1000))
