@@ -45,12 +45,22 @@ Batch = dict[str, torch.Tensor]
 
 
 def launch_rank() -> int:
-    """This process's rank from the launcher's environment (0 without one): known before any process group."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank from the launcher's environment (torchrun's RANK, else SLURM's task id; 0 without
+    either): known before any process group."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def launch_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def _export_submitit_env() -> None:
+    """In a submitit task of several (hydra/launcher=slurm_multigpu): torchrun's variables from its job environment."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
 
 
 def check_launch(cfg: RunConfig, scheduled: bool) -> None:
@@ -64,6 +74,7 @@ def check_launch(cfg: RunConfig, scheduled: bool) -> None:
         raise ConfigError(f"launched as {world} processes (WORLD_SIZE={world}) with distributed=none: every rank "
                           "would run the whole pipeline into the same folder; add distributed=fsdp")
     if strategy == "fsdp":
+        _export_submitit_env()
         missing = [k for k in LAUNCH_ENV if k not in os.environ]
         if missing:
             raise ConfigError(f"distributed=fsdp needs the launcher's environment ({', '.join(missing)} unset): "
@@ -84,10 +95,7 @@ def init_process_group() -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # a submitit task: export torchrun's variables
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export()
+    _export_submitit_env()
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

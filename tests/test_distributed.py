@@ -85,6 +85,13 @@ def test_rank_files_and_records(tmp_path, monkeypatch):
     assert ok["status"] == "success"
 
 
+def _no_launcher(monkeypatch) -> None:
+    """No launcher variables; whatever a test (or submitit's export) sets is undone afterwards."""
+    for key in distributed.LAUNCH_ENV:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
 @pytest.mark.parametrize("env, overrides, message", [
     ({"WORLD_SIZE": "2", "RANK": "0"}, [], "add distributed=fsdp"),
     ({}, ["distributed=fsdp"], "python -m torch.distributed.run"),
@@ -94,8 +101,7 @@ def test_rank_files_and_records(tmp_path, monkeypatch):
 def test_launch_mismatch_is_a_clear_error(compose, monkeypatch, env, overrides, message):
     from lorsbench.config import build_run_config
 
-    for key in distributed.LAUNCH_ENV:
-        monkeypatch.delenv(key, raising=False)
+    _no_launcher(monkeypatch)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     cfg = build_run_config(compose(["model=tiny-llama", *overrides]))
@@ -289,3 +295,19 @@ def test_bench_cell_under_torchrun_reports_the_world(tmp_path):
     assert row["status"] == "ok" and row["world_size"] == 2
     assert row["peak_alloc_gib_max_over_ranks"] >= row["peak_alloc_gib"] > 0
     assert row["tokens_per_s"] == pytest.approx(2 * 2 * 32 / (row["step_ms_median"] / 1000))
+
+
+def test_a_submitit_task_gets_torchruns_variables(compose, monkeypatch):
+    """hydra/launcher=slurm_multigpu: each SLURM task of the job is one rank (submitit's job environment)."""
+    pytest.importorskip("submitit")
+    from lorsbench.config import build_run_config
+
+    _no_launcher(monkeypatch)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu07"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.launch_rank() == 1 and distributed.launch_world_size() == 2
+    distributed.check_launch(build_run_config(compose(["model=tiny-llama", "distributed=fsdp"])), scheduled=False)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07"
