@@ -311,3 +311,23 @@ def test_a_submitit_task_gets_torchruns_variables(compose, monkeypatch):
     distributed.check_launch(build_run_config(compose(["model=tiny-llama", "distributed=fsdp"])), scheduled=False)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
     assert os.environ["MASTER_ADDR"] == "gpu07"
+
+
+def test_scaling_table_relates_each_world_size_to_one_gpu(tmp_path):
+    from lorsbench.bench import table
+    from lorsbench.bench.scaling import main
+
+    base = {"model": "random-llama2-13b", "pattern": "2of4", "sparsity": 0.5, "batch_size": 4, "seq_len": 2048,
+            "status": "ok"}
+    rows = [{**base, "label": "lora", "method": "lora", "world_size": 1, "tokens_per_s": 1000.0,
+             "step_ms_median": 8.0, "peak_alloc_gib": 40.0},
+            {**base, "label": "lora", "method": "lora", "world_size": 2, "tokens_per_s": 1800.0,
+             "step_ms_median": 9.0, "peak_alloc_gib": 22.0, "peak_alloc_gib_max_over_ranks": 24.0},
+            {**base, "label": "lors", "method": "lors", "world_size": 2, "tokens_per_s": 1500.0,
+             "step_ms_median": 11.0, "peak_alloc_gib": 30.0, "peak_alloc_gib_max_over_ranks": 30.0}]
+    table.write_csv(rows[:1], tmp_path / "one.csv")
+    table.write_csv(rows[1:], tmp_path / "two.csv")
+    assert main([str(tmp_path / "scaling.md"), str(tmp_path / "one.csv"), str(tmp_path / "two.csv")]) == 0
+    text = (tmp_path / "scaling.md").read_text()
+    assert "| `lora` | 2 | 9.0 | 1800 | 0.90 | 22.00 | 24.00 | 1.00 |" in text
+    assert "| `lors` | 2 | 11.0 | 1500 | – | 30.00 | 30.00 | 1.25 |" in text  # no 1-GPU lors cell
