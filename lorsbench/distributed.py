@@ -269,10 +269,7 @@ class FSDP(Single):
 
         if self.is_main:
             self.skeleton = meta_copy(model)
-        hooked = [n for n, p in model.named_parameters() if p.requires_grad and getattr(p, "_backward_hooks", None)]
-        if hooked:  # FSDP replaces every parameter by its shard: a hook on the original would silently never run
-            raise ConfigError(f"distributed=fsdp: this method puts gradient hooks on its parameters ({hooked[0]}, "
-                              "...), which FSDP's sharded parameters do not keep; use distributed=none")
+        check_no_gradient_hooks(model)
         names = {id(p): n for n, p in model.named_parameters()}
         # param_dtype=None: every parameter is gathered in the dtype it is stored in (frozen base: the run's dtype;
         # adapters: their fp32 masters, cast by the method itself as in one process); gradients reduce in fp32.
@@ -303,6 +300,15 @@ class FSDP(Single):
         full = self.skeleton
         full.load_state_dict(state, strict=True, assign=True)
         return full.to(self.device)
+
+
+def check_no_gradient_hooks(model: nn.Module) -> None:
+    """FSDP replaces every parameter by its shard: a hook on an original parameter's gradient would never run
+    (the method's math would silently change), so such a model is refused."""
+    hooked = [n for n, p in model.named_parameters() if p.requires_grad and getattr(p, "_backward_hooks", None)]
+    if hooked:
+        raise ConfigError(f"distributed=fsdp: this method hooks its parameters' gradients ({hooked[0]}, ...), which "
+                          "FSDP's sharded parameters do not keep; use distributed=none")
 
 
 def rank_slices(make: Callable[[int], Iterator[Batch]], rows: int, rank: int,

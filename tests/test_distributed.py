@@ -331,3 +331,16 @@ def test_scaling_table_relates_each_world_size_to_one_gpu(tmp_path):
     text = (tmp_path / "scaling.md").read_text()
     assert "| `lora` | 2 | 9.0 | 1800 | 0.90 | 22.00 | 24.00 | 1.00 |" in text
     assert "| `lors` | 2 | 11.0 | 1500 | – | 30.00 | 30.00 | 1.25 |" in text  # no 1-GPU lors cell
+
+
+@pytest.mark.parametrize("method, refused", [("full_sparse_ft", True), ("lors", False), ("lora", False)])
+def test_a_method_that_hooks_its_gradients_is_refused(method, refused):
+    model = tiny_llama(torch.float32)
+    masks = random_masks(model, "unstructured")
+    params = dict(lors={"init": "lora"}).get(method, {})
+    build_method(MethodSpec(method, params)).attach(model, masks, context())
+    if refused:
+        with pytest.raises(ConfigError, match="hooks its parameters' gradients"):
+            distributed.check_no_gradient_hooks(model)
+    else:
+        distributed.check_no_gradient_hooks(model)
