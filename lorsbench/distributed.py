@@ -168,10 +168,20 @@ def new_record(folder: str | Path, **fields: Any) -> RunRecord:
     return RunRecord(folder, **fields) if rank == 0 else RankRecord(folder, rank, **fields)
 
 
+# What rank 0 sees when another rank died: torchrun's SIGTERM, or a collective that lost its peer.
+_PEER_LOST = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out")
+
+
+def _lost_a_peer(record: RunRecord) -> bool:
+    if record.get("status") == "interrupted" or str(record.get("error_type") or "").startswith("Dist"):
+        return True
+    return any(text in str(record.get("error") or "").lower() for text in _PEER_LOST)
+
+
 def blame_failed_rank(record: RunRecord) -> None:
-    """On rank 0, when its run did not succeed and another rank left a failure note: the record names that rank's
-    error and phase (the cause; rank 0 then saw a closed connection or torchrun's SIGTERM)."""
-    if isinstance(record, RankRecord) or record.get("status") in ("success", "running"):
+    """On rank 0, when its run ended by losing another rank (torchrun's SIGTERM, a broken collective) and that rank
+    left a failure note: the record names that rank's error and phase, the cause. Rank 0's own error is kept."""
+    if isinstance(record, RankRecord) or not _lost_a_peer(record):
         return
     notes = sorted(record.folder.glob(RANK_FAILURE.format(rank="*")))
     if not notes:

@@ -251,7 +251,8 @@ def fine_tune(run: Run) -> None:
         result = train(run.model, run.params, run.train_batches(), cfg.trainer, cfg.profile, run.device,
                        log_path=run.output_dir / TRAIN_LOG if run.dist.is_main else None,
                        after_step=run.record.heartbeat(HEARTBEAT_S), ranks=run.dist)
-    run.record.update(meter.stats.as_dict(), **result.as_dict(), **distributed.train_peaks(run.dist, meter.stats).as_dict())
+    peaks = distributed.train_peaks(run.dist, meter.stats)  # every rank's (a collective under FSDP)
+    run.record.update(meter.stats.as_dict(), **result.as_dict(), **peaks.as_dict())
 
 
 def gather(run: Run) -> None:

@@ -80,6 +80,15 @@ def test_rank_files_and_records(tmp_path, monkeypatch):
     distributed.blame_failed_rank(main)
     assert main["status"] == "failed" and main["phase_failed"] == "attach"
     assert main["error"] == "rank 1: RuntimeError: boom"
+    own = distributed.new_record(tmp_path)  # every rank failed alike: rank 0's own error stays
+    own.update(status="failed", error="ConfigError: bad", error_type="ConfigError", phase_failed="setup")
+    distributed.blame_failed_rank(own)
+    assert own["error"] == "ConfigError: bad" and own["phase_failed"] == "setup"
+    lost = distributed.new_record(tmp_path)
+    lost.update(status="failed", error="DistBackendError: [gloo] Connection closed by peer",
+                error_type="DistBackendError", phase_failed="fine_tune")
+    distributed.blame_failed_rank(lost)
+    assert lost["error"] == "rank 1: RuntimeError: boom"
     ok = RunRecord(tmp_path, status="success")
     distributed.blame_failed_rank(ok)
     assert ok["status"] == "success"
@@ -142,7 +151,8 @@ def _lors_under_fsdp(rank: int, port: int, out: str) -> None:
     seen = []
 
     def look(module, args):
-        seen.append((type(module.weight).__name__, tuple(module.weight.shape), (module.out_features, module.in_features)))
+        seen.append((type(module.weight).__name__, tuple(module.weight.shape),
+                     (module.out_features, module.in_features)))
 
     for module in model.modules():
         if type(module).__name__ == "LoRSLinear":
@@ -263,7 +273,8 @@ def test_a_failing_rank_fails_the_run_and_every_rank_exits(train_data, tmp_path)
     assert len(records) == 1, done.stderr[-4000:]
     record = read_record(records[0])
     assert record["status"] == "failed", record
-    assert record["error"] == "rank 1: RuntimeError: planted failure on rank 1" and record["phase_failed"] == "fine_tune"
+    assert record["error"] == "rank 1: RuntimeError: planted failure on rank 1"
+    assert record["phase_failed"] == "fine_tune"
     assert (records[0].parent / "error.rank1.log").exists()
 
 
@@ -344,3 +355,14 @@ def test_a_method_that_hooks_its_gradients_is_refused(method, refused):
             distributed.check_no_gradient_hooks(model)
     else:
         distributed.check_no_gradient_hooks(model)
+
+
+def test_two_processes_without_fsdp_fail_with_one_record(train_data, tmp_path):
+    """torchrun with distributed=none would run the pipeline twice into one folder: refused in setup, one record."""
+    done = _torchrun(_overrides(train_data, tmp_path))
+    assert done.returncode != 0
+    records = list((tmp_path / "out").glob("runs/*/run.json"))
+    assert len(records) == 1, done.stderr[-4000:]
+    record = read_record(records[0])
+    assert record["status"] == "failed" and record["phase_failed"] == "setup"
+    assert "add distributed=fsdp" in record["error"] and not record["error"].startswith("rank 1")

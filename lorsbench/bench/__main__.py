@@ -87,8 +87,9 @@ def _fork_run(spec, timeout_s: float) -> dict:
 def _subprocess_run(spec, timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}"] if spec.nproc > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "lorsbench.bench.cell", "--model", spec.model, "--pattern", spec.pattern,
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}"]
+        cmd = [sys.executable, *(launcher if spec.nproc > 1 else []), "-m", "lorsbench.bench.cell",
+               "--model", spec.model, "--pattern", spec.pattern,
                "--rank", str(spec.rank), "--batch-size", str(spec.batch_size), "--warmup", str(spec.warmup_steps),
                "--steps", str(spec.measured_steps), "--profiled-steps", str(spec.profiled_steps),
                "--seed", str(spec.seed), "--dtype", spec.dtype, "--device", spec.device, "--method", spec.method,
