@@ -189,6 +189,62 @@ def test_lors_w_eff_composes_with_fsdp_all_gather(tmp_path):
         assert result["seen"] and all(kind == "Parameter" and shape == mask for kind, shape, mask in result["seen"])
 
 
+# The methods the efficiency benchmark runs sharded (item 6), plus the others FSDP accepts. Options: no dropout
+# (each rank draws its own dropout masks, as under any data parallelism), the data-free init, and SQFT's elastic
+# ranks (drawn per layer on the host every forward) on.
+SHARDED_METHODS = {"lora": {"dropout": 0.0}, "spp": {"dropout": 0.0}, "sqft": {"nls": True, "dropout": 0.0},
+                   "lors": {"init": "lora"}, "lors_exact": {"init": "lora"}, "slope": {"dropout": 0.0}}
+
+
+def _methods_under_fsdp(rank: int, port: int, out: str) -> None:
+    """One rank: each method trained 3 steps through `training.train` on this rank's half of every global batch,
+    against the same method trained in this process on the whole batch; then gathered and merged on rank 0."""
+    from lorsbench.config import ProfileConfig, TrainerConfig
+    from lorsbench.training import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = distributed.FSDP(torch.device("cpu"))
+    config = TrainerConfig(max_steps=3, micro_batch_size=2, seq_len=8, lr=1e-3, warmup_steps=0)
+    data = batches(3, batch_size=4)
+    results = {}
+    for name, options in SHARDED_METHODS.items():
+        def build():
+            model = tiny_llama(torch.float32)
+            masks = random_masks(model, "2of4")
+            method = build_method(MethodSpec(name, options))
+            return model, method, method.attach(model, masks, context())
+
+        reference, ref_method, ref_params = build()
+        alone = train(reference, ref_params, iter(data), config, ProfileConfig(0), torch.device("cpu"))
+        model, method, params = build()
+        model, params = ranks.shard(model, params)
+        mine = [{k: v[2 * rank:2 * rank + 2] for k, v in b.items()} for b in data]
+        sharded = train(model, params, iter(mine), config, ProfileConfig(0), torch.device("cpu"), ranks=ranks)
+        full = ranks.full_model(model)
+        same_weights = None
+        if rank == 0:
+            merged, ref_merged = method.merge(full).state_dict(), ref_method.merge(reference).state_dict()
+            # float32 sums in another order; AdamW turns a gradient difference near 0 into up to lr per step
+            same_weights = all(torch.allclose(merged[k], v, rtol=1e-4, atol=1e-5) for k, v in ref_merged.items())
+        results[name] = {"loss": sharded.final_loss, "loss_alone": alone.final_loss, "same_weights": same_weights,
+                         "tokens_per_step": sharded.tokens_per_step}
+    Path(out, f"{rank}.json").write_text(json.dumps(results))
+
+
+def test_every_method_trains_sharded_as_in_one_process(tmp_path):
+    """A method does not know it is sharded: 2 gloo ranks of half the global batch give the one-process losses and,
+    merged on rank 0, the one-process merged weights."""
+    torch.multiprocessing.spawn(_methods_under_fsdp, args=(_free_port(), str(tmp_path)), nprocs=2)
+    results = json.loads((tmp_path / "0.json").read_text())
+    assert set(results) == set(SHARDED_METHODS)
+    for name, result in results.items():
+        assert result["loss"] == pytest.approx(result["loss_alone"], rel=LOSS_RTOL), name
+        assert result["same_weights"] is True, name
+        assert result["tokens_per_step"] == 2 * 2 * 8, name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the pipeline through torchrun
 
