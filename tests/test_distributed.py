@@ -2,6 +2,7 @@
 under FSDP2's all-gather, and the whole pipeline through `torchrun --nproc_per_node 2` against one process."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -20,7 +21,8 @@ from lorsbench.errors import ConfigError
 from lorsbench.method import build_method
 from lorsbench.records import RunRecord, read_record, unknown_fields, validate_record
 from tests.conftest import REPO
-from tests.methods_helpers import batches, context, random_masks, tiny_llama
+from lorsbench.modules import target_linears
+from tests.methods_helpers import TARGETS, batches, context, random_masks, tiny_llama
 
 # Losses of the 2-rank run against one process on the same global batch: the gradient is the mean of the two
 # ranks' mean losses (FSDP averages), equal to the one-process mean when both halves carry as many loss tokens
@@ -175,8 +177,36 @@ def _lors_under_fsdp(rank: int, port: int, out: str) -> None:
         same_state = full is None
     Path(out, f"{rank}.json").write_text(json.dumps({
         "logits_match": torch.allclose(logits, reference(**batch).logits, rtol=1e-5, atol=1e-6),
-        "grads_match": grads_match, "same_state": same_state, "seen": seen,
+        "grads_match": grads_match, "same_state": same_state, "seen": seen, "peaks": _step_peaks(ranks, batch),
     }))
+
+
+MEMORY_CASES = {"lora": ("lora", {"rank": 16}), "lors": ("lors", {"rank": 16, "init": "lora"}),
+                "lors_stored_mask": ("lors", {"rank": 16, "init": "lora", "mask_source": "stored"})}
+
+
+def _step_peaks(ranks, batch) -> dict[str, dict[str, int]]:
+    """Peak bytes of one sharded training step (forward, backward, AdamW) per category, by PyTorch's
+    FSDPMemTracker, for LoRA and LoRS at equal rank: what LoRS's per-layer W_eff adds under FSDP."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    peaks = {}
+    for case, (name, options) in MEMORY_CASES.items():
+        model = tiny_llama(torch.float32)
+        masks = random_masks(model, "unstructured")
+        params = build_method(MethodSpec(name, options)).attach(model, masks, context())
+        model, params = ranks.shard(model, params)
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        for tracked in (False, True):  # the first step creates AdamW's state
+            tracker = FSDPMemTracker(model, optimizer)
+            tracker.track_inputs((batch,))
+            with tracker if tracked else contextlib.nullcontext():
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        peaks[case] = {str(getattr(k, "name", k)): v for k, v in snapshot.items()}
+    return peaks
 
 
 def test_lors_w_eff_composes_with_fsdp_all_gather(tmp_path):
@@ -187,6 +217,16 @@ def test_lors_w_eff_composes_with_fsdp_all_gather(tmp_path):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["logits_match"] and result["grads_match"] and result["same_state"], result
         assert result["seen"] and all(kind == "Parameter" and shape == mask for kind, shape, mask in result["seen"])
+    # memory: LoRS's W_eff is one d_out x d_in buffer at a time, built after the layer's all-gather and freed in the
+    # layer; at equal rank the step's peak stays within that buffer of LoRA's. A stored mask is a buffer, not a
+    # parameter: every rank holds all of it (one byte per weight), unsharded.
+    model = tiny_llama(torch.float32)
+    largest = max(m.weight.numel() for m in target_linears(model, TARGETS).values()) * 4
+    mask_bytes = sum(m.weight.numel() for m in target_linears(model, TARGETS).values())
+    peaks = json.loads((tmp_path / "0.json").read_text())["peaks"]
+    assert peaks["lors"]["Total"] <= peaks["lora"]["Total"] + largest
+    assert peaks["lors"]["SHARDED_PARAM"] == peaks["lora"]["SHARDED_PARAM"]  # same adapter sizes at equal rank
+    assert peaks["lors_stored_mask"]["BUFFER"] - peaks["lors"]["BUFFER"] == mask_bytes
 
 
 # The methods the efficiency benchmark runs sharded (item 6), plus the others FSDP accepts. Options: no dropout
@@ -281,7 +321,6 @@ def _losses(folder: Path) -> list[float]:
 def test_two_rank_pipeline_matches_one_process(train_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorsbench.modules import target_linears
     from lorsbench.pruning.artifacts import MASKS_FILE
     from lorsbench.pruning.masks import MaskSet
 
