@@ -44,20 +44,27 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 Batch = dict[str, torch.Tensor]
 
 
+def _submitit_task() -> bool:
+    """A task of a submitit SLURM job (hydra/launcher=slurm_*); SLURM's variables count only there (a plain sbatch
+    allocation of several tasks may run one process)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
 def launch_rank() -> int:
-    """This process's rank from the launcher's environment (torchrun's RANK, else SLURM's task id; 0 without
-    either): known before any process group."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    """This process's rank from the launcher's environment (torchrun's RANK, else a submitit task's SLURM id; 0
+    without either): known before any process group."""
+    default = os.environ.get("SLURM_PROCID", "0") if _submitit_task() else "0"
+    return int(os.environ.get("RANK", default))
 
 
 def launch_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    default = os.environ.get("SLURM_NTASKS", "1") if _submitit_task() else "1"
+    return int(os.environ.get("WORLD_SIZE", default))
 
 
 def _export_submitit_env() -> None:
     """In a submitit task of several (hydra/launcher=slurm_multigpu): torchrun's variables from its job environment."""
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
-            and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+    if "RANK" not in os.environ and _submitit_task() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export()

@@ -419,6 +419,15 @@ def test_a_submitit_task_gets_torchruns_variables(compose, monkeypatch):
     assert os.environ["MASTER_ADDR"] == "gpu07"
 
 
+def test_an_sbatch_allocation_of_several_tasks_is_one_process(monkeypatch):
+    """SLURM_NTASKS of a plain sbatch job (not a submitit task) says nothing about this process."""
+    _no_launcher(monkeypatch)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert distributed.launch_world_size() == 1 and distributed.launch_rank() == 0
+
+
 def test_scaling_table_relates_each_world_size_to_one_gpu(tmp_path):
     from lorsbench.bench import table
     from lorsbench.bench.scaling import main
