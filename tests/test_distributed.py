@@ -273,6 +273,7 @@ def _methods_under_fsdp(rank: int, port: int, out: str) -> None:
     Path(out, f"{rank}.json").write_text(json.dumps(results))
 
 
+@pytest.mark.slow  # ~20 s: six methods trained twice each
 def test_every_method_trains_sharded_as_in_one_process(tmp_path):
     """A method does not know it is sharded: 2 gloo ranks of half the global batch give the one-process losses and,
     merged on rank 0, the one-process merged weights."""
