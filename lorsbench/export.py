@@ -1,4 +1,4 @@
-"""Saving and reloading a merged sparse model (DESIGN.md "Masks are artifacts").
+"""Saving and reloading a merged sparse model (docs/methods.md §Mask artifacts).
 
 `save_merged` writes an ordinary Hugging Face folder (dense tensors holding exact zeros, loadable by
 `from_pretrained` and stock lm-eval) plus `masks.safetensors` (the stored keep-masks) and `sparsity.json`

@@ -1,4 +1,4 @@
-"""The method interface and registry (DESIGN.md "The method interface").
+"""The method interface and registry (docs/methods.md §Method interface).
 
 A method is a class in `methods/<name>.py` (installed as `lorsbench.methods.<name>`), decorated with
 `@register_method("<name>")`, with a dataclass `Config` of its hyper-parameters. Registry key == file stem ==

@@ -107,7 +107,7 @@ def _load_bundled(config: ModelConfig, dtype: torch.dtype, device: torch.device,
         )
     folder = bundled_folder(config.name, cache_dir)
     _clean_dead_tmp(folder)  # only folders of dead processes: safe without the lock
-    problem = _bundled_problem(folder, spec)  # verifies every weight file's sha256 (README "Caches")
+    problem = _bundled_problem(folder, spec)  # verifies every weight file's sha256 (docs/environment.md §Checksums)
     if problem is not None:
         with _file_lock(folder.parent / f".{folder.name}.lock"):  # concurrent first runs: one converts
             problem = _bundled_problem(folder, spec)  # another process may have converted it meanwhile

@@ -3,7 +3,7 @@
 Each phase is a small function; none of them names a method or a pruner. Any exception ends the run with a
 record whose `status` is `failed` (or `oom`) and whose `error` says what went wrong in which phase; SIGINT and
 SIGTERM end it with `interrupted` (then `Interrupted` is raised so the caller exits non-zero). The record's
-heartbeat is refreshed at every phase boundary and every HEARTBEAT_S during training (README "Run records").
+heartbeat is refreshed at every phase boundary and every HEARTBEAT_S during training (README "What a run records").
 """
 from __future__ import annotations
 

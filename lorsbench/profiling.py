@@ -1,4 +1,4 @@
-"""The one profiler: peak memory per phase and step timing (DESIGN.md "Measurements").
+"""The one profiler: peak memory per phase and step timing (docs/measurement.md §Peak memory, §Step timing).
 
 GPU: `max_memory_allocated` / `max_memory_reserved` after `reset_peak_memory_stats` at phase start.
 CPU: the process's peak RSS (VmHWM), reset at phase start through /proc/self/clear_refs (Linux >= 4.0).

@@ -1,4 +1,4 @@
-"""Prune schedules: a method may prune in rounds while it fine-tunes (DESIGN.md "The method interface").
+"""Prune schedules: a method may prune in rounds while it fine-tunes (docs/methods.md §LoSA schedule).
 
 A method's `schedule(cfg)` returns its rounds; the default is one round at the run's sparsity with the whole
 training budget, which is the ordinary prune -> attach -> train of the pipeline (records unchanged). With more

@@ -2,9 +2,9 @@
 gradient clipping, fixed sequence length, seeded data order. A method only changes modules and parameters.
 
 `trainer.cuda_graph=true` runs the same step body (`step_body`) captured once in a CUDA graph and replayed per
-step (PyTorch's "CUDA Graphs" notes, whole-network capture; README "What a run records"): static batch buffers, eager
-warm-up steps on a side stream, AdamW with `capturable=True` and the lr in a device tensor that the host writes
-before each replay. Where capture cannot run (no CUDA device, an op that syncs or is not capturable), the run
+step (PyTorch's "CUDA Graphs" notes, whole-network capture; docs/measurement.md §CUDA graphs): static batch
+buffers, eager warm-up steps on a side stream, AdamW with `capturable=True` and the lr in a device tensor that the
+host writes before each replay. Where capture cannot run (no CUDA device, an op that syncs or is not capturable), the run
 continues eagerly and records why (`TrainResult.cuda_graph_fallback`).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared machinery of `lors` and `lors_exact` (methods.md 5): the LoRS linear operator, its module,
+"""Shared machinery of `lors` and `lors_exact` (docs/methods.md §LoRS): the LoRS linear operator, its module,
 gradient-SVD initialisation and the attach/merge logic.
 
 `lors_linear` is the one entry point for the GEMMs, so a fused GPU kernel can replace it without touching
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 INITS = ("grad_svd", "lora")
 GRAD_SCALES = ("one", "s")
 # Where the training-time keep-mask comes from: the stored artifact (a bool d_out×d_in buffer on the device), or
-# the frozen base itself as `W != 0` (no buffer; a kept weight that is exactly 0 stays 0, methods.md 8 item 7).
+# the frozen base itself as `W != 0` (no buffer; a kept weight that is exactly 0 stays 0, docs/methods.md §Invariants,
+# item 7).
 MASK_SOURCES = ("stored", "weight")
 
 
@@ -43,15 +44,16 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _effective_weight(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None,
                       scaling: float) -> torch.Tensor:
-    """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (methods.md 5.1); U and V
-    already in that dtype cost no cast."""
+    """`W_eff = (W + s U V) ⊙ M` in the weight's dtype, with one d_out×d_in buffer (docs/methods.md §LoRS forward); U
+    and V already in that dtype cost no cast."""
     dtype = weight.dtype
     return torch.addmm(weight, _as(U, dtype), _as(V, dtype), alpha=scaling).mul_(_mask_or_nonzero(weight, mask))
 
 
 class _LoRSFunction(torch.autograd.Function):
     """Forward `X W_effᵀ (+ b)` saving only X (plus references to W, U, V, M); backward recomputes
-    W_eff for dX (methods.md 5.2). Adapter gradients: rearranged (5.3) or exact masked (5.6)."""
+    W_eff for dX (docs/methods.md §LoRS forward). Adapter gradients: rearranged or exact masked
+    (docs/methods.md §LoRS backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, U, V, mask, bias, scaling: float, exact: bool, grad_scale: float,
@@ -88,13 +90,14 @@ class _LoRSFunction(torch.autograd.Function):
         u, v = _as(U, dtype), _as(V, dtype)  # no cast where the torch path saved them in x's dtype
         if need_u or need_v:
             if ctx.exact:
-                # dU = s (G⊙M) Vᵀ, dV = s Uᵀ (G⊙M): G = dYᵀX is formed once (methods.md 5.6).
+                # dU = s (G⊙M) Vᵀ, dV = s Uᵀ (G⊙M): G = dYᵀX is formed once (docs/methods.md §LoRS exact gradient).
                 g = (dy.t() @ x2).mul_(_mask_or_nonzero(weight, mask))
                 du = ctx.scaling * (g @ v.t()) if need_u else None
                 dv = ctx.scaling * (u.t() @ g) if need_v else None
                 del g
             else:
-                # Rearranged (repo): dU = dYᵀ(X Vᵀ), dV = (dY U)ᵀ X; no d_out×d_in tensor (methods.md 5.3).
+                # Rearranged (repo): dU = dYᵀ(X Vᵀ), dV = (dY U)ᵀ X; no d_out×d_in tensor
+                # (docs/methods.md §LoRS backward).
                 du = dy.t() @ (x2 @ v.t()) if need_u else None
                 dv = (dy @ u).t() @ x2 if need_v else None
                 if ctx.grad_scale != 1.0:  # the repo's default g = 1 costs no extra kernel (steps are launch-bound)
@@ -111,7 +114,7 @@ class _LoRSFunction(torch.autograd.Function):
 def lors_linear(x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float, bias: torch.Tensor | None = None, exact: bool = False,
                 grad_scale: float = 1.0, kernel: str = "torch") -> torch.Tensor:
-    """`Y = X ((W + s U V) ⊙ M)ᵀ + b` (methods.md 5.1).
+    """`Y = X ((W + s U V) ⊙ M)ᵀ + b` (docs/methods.md §LoRS forward).
 
     `exact=False`: the repo-faithful adapter gradient `dU = g dYᵀ(XVᵀ)`, `dV = g (dY U)ᵀX` with `g = grad_scale`
     (1 in the repo; `g = s` gives exactly the gradient of unmasked LoRA). `exact=True`: the masked gradient.
@@ -154,7 +157,7 @@ class LoRSLinear(AdapterLinear):
                                    self.exact, self.grad_scale, kernel)
 
     def merged_weight(self) -> torch.Tensor:
-        """`W' = (W + s U V) ⊙ M` (methods.md 5.1 merge); exact zeros where the stored mask is False."""
+        """`W' = (W + s U V) ⊙ M` (docs/methods.md §LoRS forward); exact zeros where the stored mask is False."""
         dtype = merge_dtype(self.weight)
         return _effective_weight(self.weight.to(dtype), self.lora_U.to(dtype), self.lora_V.to(dtype),
                                  self.mask, self.scaling)
@@ -169,7 +172,7 @@ def _examples_in(batch: dict[str, torch.Tensor]) -> int:
 
 def estimate_gradients(model: nn.Module, names: list[str], ctx: MethodContext, samples: int) -> dict[str, torch.Tensor]:
     """Mean gradient of the loss w.r.t. each named linear's full weight (pruned positions included), over
-    the first `samples` training examples, on the unwrapped model (methods.md 5.4 step 1).
+    the first `samples` training examples, on the unwrapped model (docs/methods.md §LoRS gradient-SVD init).
 
     Only these weights require grad during the estimate; every parameter's requires_grad and .grad are
     restored afterwards and no weight is modified.
@@ -214,7 +217,7 @@ def estimate_gradients(model: nn.Module, names: list[str], ctx: MethodContext, s
 
 def grad_svd_factor(grad: torch.Tensor, rank: int, gamma: float, niter: int = 4) -> torch.Tensor:
     """V (r×d_in) = top-r right singular vectors of the estimated gradient, as rows, divided by γ
-    (methods.md 5.4 steps 2-3; `torch.svd_lowrank` with q = min(4r, min(d_out, d_in)))."""
+    (docs/methods.md §LoRS gradient-SVD init; `torch.svd_lowrank` with q = min(4r, min(d_out, d_in)))."""
     d_out, d_in = grad.shape
     q = min(4 * rank, d_out, d_in)
     if rank > min(d_out, d_in):

@@ -1,4 +1,4 @@
-"""Triton kernels for the two W_eff GEMMs of LoRS (methods.md 5.1-5.2; issue 5).
+"""Triton kernels for the two W_eff GEMMs of LoRS (docs/methods.md §LoRS kernels; issue 5).
 
     forward   Y  = X · W_effᵀ (+ b)        (T×K · K×N)
     backward  dX = dY · W_eff              (T×N · N×K)
@@ -15,8 +15,8 @@ per GEMM in bf16, plus two cast launches for U and V. Two Triton paths replace i
 - `kernel=fused`: W_eff is never materialized. Each GEMM tile loads its W tile (2 B/element) and the stored
   keep-mask tile (the bool buffer viewed as uint8, zero-copy, 1 B/element), forms the U·V tile with an r-deep
   `tl.dot`, applies `(w + s·uv)` where the mask keeps and 0 elsewhere in registers, rounds to the activation dtype
-  (as `addmm` does) and feeds it to the main `tl.dot`: 3 bytes per element, no temporary. On an H100 with
-  Triton 3.6 this GEMM runs at 2.4-4× cuBLAS's time (notes/gpu.md), so it is not the default.
+  (as `addmm` does) and feeds it to the main `tl.dot`: 3 bytes per element, no temporary. With Triton 3.6
+  this GEMM measured slower than cuBLAS (results/efficiency/README.md), so it is not the default.
 
 The adapter gradients stay the small torch GEMMs of `_lors.py`. Nothing here runs unless Triton and a CUDA device
 (or the Triton CPU interpreter, `TRITON_INTERPRET=1`, used by the CPU tests in float32) are present.
@@ -106,9 +106,9 @@ CANDIDATES: tuple[TileConfig, ...] = (
 
 # Launch configurations measured best per (kind, d_out, d_in) and token count, from
 # `python -m lorsbench.bench.layer --tune`: (kind, N, K) -> ((min T, config), ...) ascending in T. The per-kind
-# defaults below were, on average over every Llama-3-8B shape and T = 512..8192 on an H100, within 1 % (fwd) and
-# 2 % (dX) of the per-shape winner (worst case 3 % and 32 %: dX of 1024x4096 at T = 512;
-# kernel_tune_all_configs.json), so no per-shape entry is kept: the fused path is not the default anyway.
+# defaults below came close to the per-shape winners over the Llama-3-8B shapes on an H100 (the sweep:
+# results/efficiency/nvidia-h100-80gb-hbm3/kernel_tune_all_configs.json), so no per-shape entry is kept: the fused
+# path is not the default anyway.
 TUNED: dict[tuple[str, int, int], tuple[tuple[int, TileConfig], ...]] = {}
 DEFAULTS = {"fwd": TileConfig(128, 64, 64, 8, 4, 4, True), "dx": TileConfig(128, 128, 64, 8, 8, 3, False)}
 _DEFAULT = TileConfig(128, 128, 64, 8, 8, 3, False)

@@ -1,6 +1,6 @@
 """Tuning the LoRS GPU kernels (`methods/_lors_triton.py`): every candidate tile configuration of the fused
 W_eff GEMMs and the one-pass W_eff builder, timed against cuBLAS on the dense W and the unfused torch path
-(docs: results/efficiency/README.md "Layer benchmark"). Exposed to the benchmark as `LoRSBase.kernel_tuner`
+(docs/measurement.md §Per-layer benchmark). Exposed to the benchmark as `LoRSBase.kernel_tuner`
 (`lorsbench.method.kernel_tuners`), so `python -m lorsbench.bench.layer --tune` names no method.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`full_sparse_ft`: full fine-tuning of the pruned target linears on their fixed stored mask (the upper anchor of
-the efficiency benchmark, issue 5; methods.md 6.5 "sparse full fine-tuning on the fixed mask").
+the efficiency benchmark, issue 5; docs/methods.md §Full sparse fine-tuning).
 
 Every target weight is trained; its gradient is multiplied by the stored keep-mask (a tensor hook), so pruned
 weights get zero gradient, zero Adam moments and hence zero updates (decoupled weight decay only scales

@@ -1,7 +1,7 @@
-"""`lora`: plain LoRA on the frozen pruned base (Hu et al. 2021, Sec. 4.1; methods.md 1.1).
+"""`lora`: plain LoRA on the frozen pruned base (Hu et al. 2021, Sec. 4.1; docs/methods.md §LoRA).
 
-Forward `Y = X Wᵀ + s (D(X) Vᵀ) Uᵀ`. The merge `W + s U V` is dense (methods.md 1.2): LoRA is the baseline
-that does not preserve sparsity. `merge="remask"` re-applies the stored mask after merging, so the deployed
+Forward `Y = X Wᵀ + s (D(X) Vᵀ) Uᵀ`. The merge `W + s U V` is dense (docs/methods.md §Merge and sparsity): LoRA is the
+baseline that does not preserve sparsity. `merge="remask"` re-applies the stored mask after merging, so the deployed
 model is sparse but differs from the trained one by `s (U V) ⊙ (1 - M)`.
 """
 from __future__ import annotations

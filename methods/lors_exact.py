@@ -1,8 +1,8 @@
-"""`lors_exact`: LoRS forward and memory with the exact masked adapter gradient (methods.md 5.6).
+"""`lors_exact`: LoRS forward and memory with the exact masked adapter gradient (docs/methods.md §LoRS exact gradient).
 
 Same operator as `lors` (one GEMM with `W_eff = (W + s U V) ⊙ M`, only X saved, W_eff recomputed), but the
 backward forms `G = dYᵀX` once and returns `dU = s (G ⊙ M) Vᵀ`, `dV = s Uᵀ (G ⊙ M)`: the gradient autograd
-would give for the masked forward. Costs one extra 2·T·d_in·d_out GEMM per layer (methods.md 7.2).
+would give for the masked forward. Costs one extra 2·T·d_in·d_out GEMM per layer (docs/methods.md §Costs).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class LoRSExact(LoRSBase):
         init_samples: int = 16
         init_gamma: float = 1.0
         kernel: str = "auto"  # auto | torch | triton | fused: how W_eff is applied (methods/_lors_triton.py)
-        mask_source: str = "weight"  # weight (M = W != 0, no buffer; methods.md 1, 5) | stored (the bool mask on the device)
+        mask_source: str = "weight"  # weight (M = W != 0, no buffer) | stored (the bool mask on the device)
+                                     # (docs/methods.md §LoRS mask source)
         targets: tuple[str, ...] | None = None
 
         def __post_init__(self):

@@ -140,7 +140,9 @@ def visit_layer_outputs(model: nn.Module, batches: list[Batch], device: torch.de
 def reconstruction_error(dense: torch.Tensor, sparse: torch.Tensor) -> float:
     """`Σ ((F_dense - F_sparse) / σ)² / d`, σ_j the L2 norm of dense feature j over every token (the public
     code's normalised layer-wise error)."""
-    dense, sparse = dense.double().reshape(-1, dense.shape[-1]), sparse.double().reshape(-1, dense.shape[-1])
+    # the dense features are kept on the CPU, the pruned model's come from its device
+    dense = dense.double().reshape(-1, dense.shape[-1])
+    sparse = sparse.to(dense.device, torch.float64).reshape(-1, dense.shape[-1])
     norms = dense.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     return float((((dense - sparse) / norms) ** 2).sum() / dense.shape[-1])
 

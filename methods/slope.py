@@ -1,12 +1,13 @@
-"""`slope`: SLoPe as a fine-tuning method, variant 1 of methods.md 6.5 (Mozaffari et al., arXiv 2405.16325).
+"""`slope`: SLoPe as a fine-tuning method, frozen-base variant (docs/methods.md §SLoPe; Mozaffari et al., arXiv
+2405.16325).
 
 Frozen 2:4 base `W_s = W ⊙ M_R` (M_R = the stored mask, 2:4 along d_in), a column-wise 2:4 mask `M_C` of W_s
-along d_out (groups of 4 consecutive output rows per input column, magnitude, 6.1), and a low-rank adapter that
+along d_out (groups of 4 consecutive output rows per input column, magnitude), and a low-rank adapter that
 is never merged during training:
     forward   `Y = X W_sᵀ + b + s (D(X) Vᵀ) Uᵀ`
     backward  `dX = dY (W_s ⊙ M_C) + s (dY U) V` (double-pruned: only the base term is approximate),
               `dU = s dYᵀ (X Vᵀ)`, `dV = s (dY U)ᵀ X`; no dW.
-`s = 1/r` (the repo's `(X L) R / r`), V ~ N(0, 1), U = 0 (6.3).
+`s = 1/r` (the repo's `(X L) R / r`), V ~ N(0, 1), U = 0, as the SLoPe code.
 
 On CPU (or with `semi_structured=off`) the sparse GEMMs are dense GEMMs on masked weights. On CUDA,
 `semi_structured=auto|on` runs the forward on `to_sparse_semi_structured(W_s)` and the backward on
@@ -37,7 +38,8 @@ _SEMI_MULTIPLE = 64  # both dims of W_s and W_dpᵀ: safe for the CUTLASS and cu
 
 
 def column_mask(weight_s: torch.Tensor) -> torch.Tensor:
-    """M_C: keep the 2 largest |W_s| of every 4 consecutive output rows, per input column (methods.md 6.1)."""
+    """M_C: keep the 2 largest |W_s| of every 4 consecutive output rows, per input column
+    (docs/methods.md §SLoPe masks)."""
     return mask_from_scores(weight_s.detach().abs().t(), 0.5, _TWO_OF_FOUR).t().contiguous()
 
 
@@ -50,7 +52,7 @@ class _SemiStructuredPair:
 
 
 class _DoublePrunedLinear(torch.autograd.Function):
-    """`X W_sᵀ` forward, `dY W_dp` backward (W_dp = W_s ⊙ M_C); W gets no gradient (methods.md 6.5)."""
+    """`X W_sᵀ` forward, `dY W_dp` backward (W_dp = W_s ⊙ M_C); W gets no gradient (docs/methods.md §SLoPe backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, mask_col, sparse: _SemiStructuredPair | None):

@@ -1,12 +1,12 @@
-"""`spp`: Sparsity-Preserved Parameter-efficient fine-tuning (Lu et al., ICML 2024; methods.md 4).
+"""`spp`: Sparsity-Preserved Parameter-efficient fine-tuning (Lu et al., ICML 2024; docs/methods.md §SPP).
 
 `ΔW = (β 1ᵀ) ⊙ Rep(α) ⊙ W` with α (R×d_in, R = 16, kaiming-uniform) and β (d_out, zero); Rep repeats each row of α
-d_out/R times consecutively (repeat_interleave, 4.1). Forward `Y = X Wᵀ + b + s D(X) ΔWᵀ` (residual form of the
+d_out/R times consecutively (repeat_interleave). Forward `Y = X Wᵀ + b + s D(X) ΔWᵀ` (residual form of the
 paper's Fig. 4), merge `W' = W ⊙ (1 + s β Rep(α))`: zero wherever W is zero, by construction.
 
-Memory mode as the authors' default (4.3): the adapter branch is recomputed in backward. `form=expanded` uses a
-custom autograd function that saves only D(X), α, β (and a reference to W) and returns the exact gradients of 4.2;
-`form=grouped` computes the branch group by group without materialising Rep(α) (4.3), under
+Memory mode as the authors' default (§SPP memory forms): the adapter branch is recomputed in backward. `form=expanded`
+uses a custom autograd function that saves only D(X), α, β (and a reference to W) and returns the exact gradients
+(§SPP gradients); `form=grouped` computes the branch group by group without materialising Rep(α), under
 `torch.utils.checkpoint`.
 """
 from __future__ import annotations
@@ -31,14 +31,14 @@ FORMS = ("expanded", "grouped")
 
 
 def spp_delta(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """`ΔW = β ⊙ Rep(α) ⊙ W` (methods.md 4.1), in the weight's dtype."""
+    """`ΔW = β ⊙ Rep(α) ⊙ W` (docs/methods.md §SPP), in the weight's dtype."""
     rows = alpha.shape[0]
     rep = alpha.to(weight.dtype).repeat_interleave(weight.shape[0] // rows, dim=0)
     return rep.mul_(beta.to(weight.dtype)[:, None]).mul_(weight)
 
 
 class _SPPAdapter(torch.autograd.Function):
-    """`s D(X) ΔWᵀ` saving only D(X), α, β and W (a reference); exact gradients of methods.md 4.2."""
+    """`s D(X) ΔWᵀ` saving only D(X), α, β and W (a reference); exact gradients of docs/methods.md §SPP gradients."""
 
     @staticmethod
     def forward(ctx, xd, weight, alpha, beta, scaling: float):
@@ -77,7 +77,8 @@ def spp_adapter_expanded(xd, weight, alpha, beta, scaling: float) -> torch.Tenso
 
 
 def spp_adapter_grouped(xd, weight, alpha, beta, scaling: float) -> torch.Tensor:
-    """Same branch without Rep(α): for each row group g, `(D(X) ⊙ α_g) W_gᵀ`, then × β and s (methods.md 4.3)."""
+    """Same branch without Rep(α): for each row group g, `(D(X) ⊙ α_g) W_gᵀ`, then × β and s
+    (docs/methods.md §SPP memory forms)."""
     rows = alpha.shape[0]
     size = weight.shape[0] // rows
     a = alpha.to(xd.dtype)
@@ -108,7 +109,7 @@ class SPPLinear(AdapterLinear):
         return base + adapter
 
     def merged_weight(self) -> torch.Tensor:
-        """`W' = W + s ΔW = W ⊙ (1 + s β Rep(α))` (methods.md 4.1)."""
+        """`W' = W + s ΔW = W ⊙ (1 + s β Rep(α))` (docs/methods.md §SPP)."""
         dtype = merge_dtype(self.weight)
         weight = self.weight.to(dtype)
         return weight + self.scaling * spp_delta(weight, self.spp_alpha.to(dtype), self.spp_beta.to(dtype))
@@ -125,7 +126,7 @@ class SPP(Method):
         alpha: float = 16.0
         scaling: str = "alpha_over_r"  # s = 16 / 8 = 2 at the authors' defaults
         dropout: float = 0.05  # applied to the adapter input only, as the repo
-        form: str = "expanded"  # expanded (custom function) | grouped (4.3, checkpointed)
+        form: str = "expanded"  # expanded (custom function) | grouped (checkpointed)
         targets: tuple[str, ...] | None = None  # None: the run's targets
 
         def __post_init__(self):

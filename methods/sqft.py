@@ -1,16 +1,17 @@
-"""`sqft`: SQFT SparsePEFT, with QA-SparsePEFT and NLS options (Munoz et al., EMNLP Findings 2024; methods.md 3).
+"""`sqft`: SQFT SparsePEFT, with QA-SparsePEFT and NLS options (Munoz et al., EMNLP Findings 2024;
+docs/methods.md §SQFT).
 
-SparsePEFT (3.1-3.2), as published: `Y = X Wᵀ + b + D(X) ((s U V) ⊙ M)ᵀ`, a second GEMM with the materialised
+SparsePEFT, as published: `Y = X Wᵀ + b + D(X) ((s U V) ⊙ M)ᵀ`, a second GEMM with the materialised
 masked delta and plain autograd (its memory and time cost is the point of comparison). Merge
 `W' = W + (s U V) ⊙ M` is exactly zero where the stored mask is.
 
-`quantize=int4` (QA-SparsePEFT, 3.3): per-group (along d_in) asymmetric INT4 scales and integer zero points are
-computed once from the sparse base (round-to-nearest min-max; SQFT takes them from a GPTQ model, which this
+`quantize=int4` (QA-SparsePEFT, §SQFT QA-SparsePEFT): per-group (along d_in) asymmetric INT4 scales and integer zero
+points are computed once from the sparse base (round-to-nearest min-max; SQFT takes them from a GPTQ model, which this
 harness does not build). Forward `Y = D(X) Q(W_m)ᵀ + b`, `W_m = W + (s U V) ⊙ M`, with a straight-through
 estimator. Zeros survive because the zero point is an integer. Merge puts the dequantized `Q(W_m)` in the model
 (bit-equal to the training forward's) and keeps the packed INT4 form in `SQFT.packed_int4`.
 
-`nls=true` (NLS, 3.4): a super-adapter of rank `rank`; in every training forward each decoder layer draws a rank
+`nls=true` (§SQFT NLS): a super-adapter of rank `rank`; in every training forward each decoder layer draws a rank
 from `nls_space`, shared by its `nls_targets` modules, which use `U[:, :ρ]`, `V[:ρ]` (scaling stays α/rank).
 Evaluation and merge use the heuristic sub-adapter `nls_space[(len - 1) // 2]`.
 """
@@ -62,7 +63,8 @@ def int4_params(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
 
 def int4_quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`q = clamp(round(W / scale) + zero, 0, 15)` and `Q(W) = scale (q - zero)` (methods.md 3.3)."""
+    """`q = clamp(round(W / scale) + zero, 0, 15)` and `Q(W) = scale (q - zero)`
+    (docs/methods.md §SQFT QA-SparsePEFT)."""
     d_in = weight.shape[1]
     scale_e, zero_e = _expand(scales, group_size, d_in), _expand(zeros, group_size, d_in)
     q = torch.clamp(torch.round(weight / scale_e) + zero_e, 0, INT4_MAX)
@@ -161,7 +163,8 @@ class SQFTLinear(AdapterLinear):
 
 def _sample_layer_rank(modules: list[SQFTLinear], space: tuple[int, ...], rng: random.Random,
                        layer: nn.Module, args: Any) -> None:
-    """NLS: one rank per decoder layer per training forward, shared by its elastic modules (methods.md 3.4)."""
+    """NLS: one rank per decoder layer per training forward, shared by its elastic modules
+    (docs/methods.md §SQFT NLS)."""
     if layer.training:
         rank = rng.choice(space)
         for module in modules:

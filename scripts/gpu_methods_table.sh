@@ -13,7 +13,7 @@
 # data and the wheels: notes/gpu.md.
 set -u
 JOBS=${JOBS:-12}            # training-only jobs (the lr sweep) at once
-EVAL_JOBS=${EVAL_JOBS:-6}  # 15 full-suite lm-eval processes at batch 32 overfilled a 139 GiB H200 (results/methods/lr_sweep)
+EVAL_JOBS=${EVAL_JOBS:-4}  # full-suite lm-eval at batch 32 peaks near 20 GiB a process: 7 at once ran out of memory (results/methods/README.md)
 OUTPUT=${LORSBENCH_OUTPUT:?set LORSBENCH_OUTPUT}
 STAGE=${STAGE:?set STAGE=lr or STAGE=methods}
 DEADLINE_S=${DEADLINE_S:-480}

@@ -22,7 +22,7 @@ from lorsbench.data.tokenizers import byte_tokenizer
 from tests.conftest import CONF_DIR
 
 CACHE_DIR = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
-# Tasks measured as candidate evaluation tasks (environment.md §4c): training must never use them.
+# Tasks measured as candidate evaluation tasks (docs/environment.md §BIG-bench tasks): training must never use them.
 EVAL_CANDIDATES = ("unit_conversion", "general_knowledge", "date_understanding", "penguins_in_a_table", "physics",
                    "ruin_names", "reasoning_about_colored_objects", "hindu_knowledge", "riddle_sense",
                    "phrase_relatedness")

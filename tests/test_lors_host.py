@@ -1,5 +1,6 @@
 """LoRS through its module (the user path) after the host-work changes (issue 13): the same math as the float64
-formulas of methods.md 5.1-5.6, and in bf16 bit-for-bit the ops in the order the operator ran them before."""
+formulas of docs/methods.md §LoRS forward, §LoRS backward, and in bf16 bit-for-bit the ops in the order the operator
+ran them before."""
 from __future__ import annotations
 
 import pytest
@@ -53,7 +54,8 @@ def test_module_forward_and_gradients_match_float64_formulas(name, params):
 @pytest.mark.parametrize("name,params", CASES)
 def test_bf16_module_is_bit_equal_to_the_op_order_written_out(name, params):
     """The casts are now done once and the kernel resolved once; the bf16 arithmetic is the same ops in the
-    same order as before: W_eff = addmm(W, U_bf16, V_bf16, alpha=s) ⊙ M, then the GEMMs of 5.2/5.3/5.6."""
+    same order as before: W_eff = addmm(W, U_bf16, V_bf16, alpha=s) ⊙ M, then the GEMMs of
+    docs/methods.md §LoRS backward."""
     module = _module(name, params, torch.bfloat16)
     for p in (module.lora_U, module.lora_V):
         p.data = p.data.float()  # masters stay float32 as after attach

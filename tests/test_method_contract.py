@@ -1,4 +1,4 @@
-"""The contract every registered method must meet (methods.md 8), on a tiny float64 LLaMA with a stored
+"""The contract every registered method must meet (docs/methods.md §Invariants), on a tiny float64 LLaMA with a stored
 unstructured 50 % mask and a stored 2:4 mask: identity at init, only adapter parameters train, the base stays
 bit-identical, merge gives a plain HF model computing the unmerged function, and sparsity-preserving methods keep
 every pruned weight exactly zero (and N:M groups valid)."""

@@ -1,4 +1,4 @@
-"""Every method and option against an independent float64 formula of its paper (methods.md 1.1, 3-6; issue 14).
+"""Every method and option against an independent float64 formula of its paper (docs/methods.md; issue 14).
 
 Each case builds the method as the CLI does (conf/method/<name>.yaml composed by Hydra, build_run_config,
 build_method), attaches it to a tiny float64 decoder whose target linears carry a bias, and compares the forward
@@ -60,7 +60,8 @@ def module_names() -> list[str]:
 
 def stored_masks(model: nn.Module, pattern: str, seed: int = 1) -> MaskSet:
     """Random keep-masks (unstructured 50 %, or 2 of every 4 consecutive inputs), applied to the weights; the first
-    kept weight of each target is set to exactly 0, so the stored mask and `W != 0` differ (methods.md 8 item 7)."""
+    kept weight of each target is set to exactly 0, so the stored mask and `W != 0` differ
+    (docs/methods.md §Invariants, item 7)."""
     g = torch.Generator().manual_seed(seed)
     masks = MaskSet()
     for name in module_names():
@@ -132,7 +133,7 @@ def method_spec(compose, name: str, overrides: list[str], pattern: str):
 
 
 def scale_of(params: dict) -> float:
-    """s from the config, written out: alpha/r, alpha/sqrt(r) or 1 (methods.md 0.3)."""
+    """s from the config, written out: alpha/r, alpha/sqrt(r) or 1 (docs/methods.md §Scaling)."""
     kind, alpha, rank = params["scaling"], float(params["alpha"]), params["rank"]
     return {"alpha_over_r": alpha / rank, "alpha_over_sqrt_r": alpha / math.sqrt(rank), "one": 1.0}[kind]
 
@@ -185,12 +186,12 @@ def test_keep_mask_redraws_nn_dropout():
     assert torch.equal(dropped, x * keep_mask(x, 0.1, 7))
 
 
-# -- the formulas (methods.md section per method); t: float64 copies; returns out, dX, grads, merged(params) --
+# -- the formulas (docs/methods.md, a section per method); t: float64 copies; returns out, dX, grads, merged(params) --
 
 
 def int4_dequantize(w: torch.Tensor, base: torch.Tensor, group: int) -> torch.Tensor:
     """Q(w) with per-(row, group of `group` inputs) asymmetric INT4 min-max scales/zeros of the frozen base,
-    the range widened to include 0 (methods.md 3.3), written column group by column group."""
+    the range widened to include 0 (docs/methods.md §SQFT QA-SparsePEFT), written column group by column group."""
     out = torch.empty_like(w)
     for start in range(0, w.shape[1], group):
         cols = slice(start, start + group)
@@ -206,7 +207,7 @@ def int4_dequantize(w: torch.Tensor, base: torch.Tensor, group: int) -> torch.Te
 
 
 def column_two_of_four(w_s: torch.Tensor) -> torch.Tensor:
-    """M_C: per input column, the 2 largest |W_s| of each 4 consecutive output rows (methods.md 6.1)."""
+    """M_C: per input column, the 2 largest |W_s| of each 4 consecutive output rows (docs/methods.md §SLoPe masks)."""
     groups = w_s.abs().reshape(D_OUT // 4, 4, D_IN)
     top2 = groups.topk(2, dim=1).indices
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top2, True).reshape(D_OUT, D_IN)
@@ -224,11 +225,11 @@ def formula(name: str, params: dict, t: dict, x: torch.Tensor, dy: torch.Tensor,
     if name == "none":
         out, dx = base_out, dy2 @ W
         merged = lambda t: t["W"]
-    elif name == "full_sparse_ft":  # methods.md 6.5 item 2: dW = G ⊙ M on the fixed mask
+    elif name == "full_sparse_ft":  # docs/methods.md §Full sparse fine-tuning: dW = G ⊙ M on the fixed mask
         out, dx = base_out, dy2 @ W
         grads["W"] = (dy2.T @ x2) * M
         merged = lambda t: t["W"] * t["M"]
-    elif name == "spp":  # methods.md 4.1-4.2
+    elif name == "spp":  # docs/methods.md §SPP, §SPP gradients
         s, rows = scale_of(params), params["rows"]
         group_of = torch.arange(D_OUT) // (D_OUT // rows)
         rep = t["alpha"][group_of]
@@ -244,26 +245,26 @@ def formula(name: str, params: dict, t: dict, x: torch.Tensor, dy: torch.Tensor,
         r = rank or params["rank"]
         U, V = t["U"][:, :r], t["V"][:r]
         grad_U, grad_V = torch.zeros_like(t["U"]), torch.zeros_like(t["V"])
-        if name == "lora":  # methods.md 1.1
+        if name == "lora":  # docs/methods.md §LoRA
             out = base_out + s * (xd2 @ V.T) @ U.T
             dx = dy2 @ W + s * (dy2 @ U @ V) * k2
             grad_U[:, :r], grad_V[:r] = s * dy2.T @ (xd2 @ V.T), s * (dy2 @ U).T @ xd2
             remask = params["merge"] == "remask"
             merged = lambda t: (t["W"] + s * t["U"] @ t["V"]) * (t["M"] if remask else 1)
-        elif name == "sqft" and params["quantize"] == "int4":  # methods.md 3.3: Y = D(X) Q(W_m)ᵀ, STE
+        elif name == "sqft" and params["quantize"] == "int4":  # docs/methods.md §SQFT QA-SparsePEFT
             group = params["quant_group_size"]
             w_q = int4_dequantize(W + (s * U @ V) * M, W, group)
             out = xd2 @ w_q.T + b
             dx = (dy2 @ w_q) * k2
             grad_U[:, :r], grad_V[:r] = s * (G * M) @ V.T, s * U.T @ (G * M)
             merged = lambda t: int4_dequantize(t["W"] + (s * t["U"][:, :r] @ t["V"][:r]) * t["M"], t["W"], group)
-        elif name == "sqft":  # methods.md 3.1-3.2
+        elif name == "sqft":  # docs/methods.md §SQFT
             delta = (s * U @ V) * M
             out = base_out + xd2 @ delta.T
             dx = dy2 @ W + (dy2 @ delta) * k2
             grad_U[:, :r], grad_V[:r] = s * (G * M) @ V.T, s * U.T @ (G * M)
             merged = lambda t: t["W"] + (s * t["U"][:, :r] @ t["V"][:r]) * t["M"]
-        elif name in ("lors", "lors_exact"):  # methods.md 5.1, 5.3, 5.6
+        elif name in ("lors", "lors_exact"):  # docs/methods.md §LoRS forward, §LoRS backward
             w_eff = (W + s * U @ V) * M
             out = x2 @ w_eff.T + b
             dx = dy2 @ w_eff
@@ -273,7 +274,7 @@ def formula(name: str, params: dict, t: dict, x: torch.Tensor, dy: torch.Tensor,
                 g = s if params["grad_scale"] == "s" else 1.0
                 grad_U[:, :r], grad_V[:r] = g * G @ V.T, g * U.T @ G
             merged = lambda t: (t["W"] + s * t["U"] @ t["V"]) * t["M"]
-        elif name == "slope":  # methods.md 6.5 variant 1: double-pruned dX through the base only
+        elif name == "slope":  # docs/methods.md §SLoPe backward: double-pruned dX through the base only
             out = base_out + s * (xd2 @ V.T) @ U.T
             dx = dy2 @ (W * column_two_of_four(W)) + s * (dy2 @ U @ V) * k2
             grad_U[:, :r], grad_V[:r] = s * dy2.T @ (xd2 @ V.T), s * (dy2 @ U).T @ xd2
@@ -390,7 +391,7 @@ def test_method_matches_its_formula(compose, case):
             assert bool((linear.weight[~masks[n]] == 0).all()), f"{n}: a pruned weight is non-zero after merge"
 
 
-# -- SQFT NLS: elastic ranks per decoder layer, through the model's forward (methods.md 3.4) --------------------
+# -- SQFT NLS: elastic ranks per decoder layer, through the model's forward (docs/methods.md §SQFT NLS) ------
 
 
 def test_sqft_nls_matches_its_formula(compose):
@@ -478,7 +479,7 @@ def test_sqft_nls_matches_its_formula(compose):
 
 
 def test_sqft_int4_packed_weight_is_the_formula(compose):
-    """QA-SparsePEFT's INT4 deliverable dequantizes to the formula's Q(W_m) (methods.md 3.3)."""
+    """QA-SparsePEFT's INT4 deliverable dequantizes to the formula's Q(W_m) (docs/methods.md §SQFT QA-SparsePEFT)."""
     spec = method_spec(compose, "sqft", ["method.quantize=int4", "method.quant_group_size=12"], "unstructured")
     model = TinyDecoder()
     masks = stored_masks(model, "unstructured")
@@ -502,7 +503,8 @@ def test_sqft_int4_packed_weight_is_the_formula(compose):
         assert bool((packed.dequantize()[~masks[n]] == 0).all())
 
 
-# -- LoRS gradient-SVD init (methods.md 5.4): V spans the top-r right singular subspace of the mean gradient ----
+# -- LoRS gradient-SVD init (docs/methods.md §LoRS gradient-SVD init): V spans the top-r right singular subspace
+# of the mean gradient -------------------------------------------------------------------------------------------
 
 
 def principal_angle_sines(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""LoRA's `merge=remask` (methods.md 1.2, option 2): sparse again after merging, at a measurable cost."""
+"""LoRA's `merge=remask` (docs/methods.md §Merge and sparsity, option 2): sparse again after merging, at a measurable
+cost."""
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ def test_dense_merge_equals_unmerged_and_is_dense():
     model = method.merge(model)
     torch.testing.assert_close(logits(model, ids), unmerged, rtol=1e-10, atol=1e-10)
     weight = model.get_submodule("model.layers.0.mlp.up_proj").weight
-    assert float((weight == 0).float().mean()) < 0.01  # sparsity lost (methods.md 1.2)
+    assert float((weight == 0).float().mean()) < 0.01  # sparsity lost (docs/methods.md §Merge and sparsity)
 
 
 def test_only_methods_that_train_with_the_mask_keep_it_on_the_device():

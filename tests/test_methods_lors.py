@@ -1,5 +1,5 @@
-"""LoRS (methods.md 5, 8): the custom operator against float64 autograd references, what it keeps for backward,
-and the gradient-SVD initialisation."""
+"""LoRS (docs/methods.md §LoRS, §Invariants): the custom operator against float64 autograd references, what it keeps
+for backward, and the gradient-SVD initialisation."""
 from __future__ import annotations
 
 import copy
@@ -101,7 +101,8 @@ def _module(name: str, **params) -> nn.Module:
     ("sqft", {"dropout": 0.0, "quantize": "int4", "quant_group_size": 16}, True),
 ])
 def test_saved_tensors_for_backward(name, params, keeps_dense):
-    """methods.md 7.1/8.8: LoRS variants keep no d_out×d_in tensor for backward; naive SparsePEFT does."""
+    """docs/methods.md §Costs, §Invariants (item 8): LoRS variants keep no d_out×d_in tensor for backward; naive
+    SparsePEFT does."""
     if name == "slope":
         model = tiny_llama(torch.float32)
         masks = random_masks(model, "2of4")
@@ -160,7 +161,8 @@ def test_estimate_gradients_is_the_mean_full_weight_gradient_and_restores_state(
 
 
 def test_grad_svd_first_sgd_step_is_the_masked_rank_r_projection_of_the_gradient():
-    """methods.md 8: with U = 0 the first SGD step on the estimate's batch gives ΔW_eff = -η s (Ĝ VᵀV) ⊙ M."""
+    """docs/methods.md §LoRS gradient-SVD init: with U = 0 the first SGD step on the estimate's batch gives ΔW_eff =
+    -η s (Ĝ VᵀV) ⊙ M."""
     model = tiny_llama()
     masks = random_masks(model, "unstructured")
     data = batches(1)
@@ -220,7 +222,7 @@ def test_mask_from_the_weight_equals_the_stored_mask_when_no_kept_weight_is_zero
 
 def test_mask_from_the_weight_keeps_the_stored_mask_and_freezes_kept_zeros():
     """No mask buffer on the module; every weight the stored mask pruned is exactly 0 after merge; a kept weight
-    that is exactly 0 is treated as pruned (methods.md 8 item 7) and stays 0."""
+    that is exactly 0 is treated as pruned (docs/methods.md §Invariants, item 7) and stays 0."""
     model = tiny_llama()
     masks = random_masks(model, "2of4")
     name = "model.layers.0.mlp.up_proj"

@@ -156,6 +156,17 @@ def test_reconstruction_error_formula():
     assert reconstruction_error(dense, sparse) == pytest.approx(float(expected), rel=1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reconstruction_error_takes_the_pruned_features_from_the_gpu():
+    # the dense features are kept on the CPU; the pruned model's come from the GPU (an H200 run failed here)
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(3, 5, 4, generator=g, dtype=torch.float32)
+    sparse = dense + 0.1 * torch.randn(3, 5, 4, generator=g)
+    expected = reconstruction_error(dense, sparse)
+    assert reconstruction_error(dense, sparse.cuda()) == pytest.approx(expected, rel=1e-12)
+
+
 # --- the masked adapter through the user path ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2of4"])

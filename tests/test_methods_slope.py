@@ -1,5 +1,5 @@
-"""SLoPe fine-tuning variant (methods.md 6.5, 8): masks, double-pruned backward, adapter gradients, errors,
-and the semi-structured 2:4 kernels on CUDA."""
+"""SLoPe fine-tuning variant (docs/methods.md §SLoPe, §Invariants): masks, double-pruned backward, adapter gradients,
+errors, and the semi-structured 2:4 kernels on CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -39,7 +39,7 @@ def test_row_and_column_masks_are_2of4_both_ways():
     assert nm_valid(m_r, 2, 4) and nm_valid(m_c.t(), 2, 4)
     both = m_r & m_c
     assert nm_valid(both, 2, 4) and nm_valid(both.t(), 2, 4)
-    assert abs(float(both.float().mean()) - 26 / 64) < 0.01  # 40.6 % density on random weights (6.1)
+    assert abs(float(both.float().mean()) - 26 / 64) < 0.01  # 40.6 % on random weights (docs/methods.md §SLoPe masks)
 
 
 def test_forward_and_double_pruned_backward():

@@ -1,5 +1,5 @@
-"""SPP (methods.md 4, 8): grouped == expanded, custom gradients == autograd of the expanded formula and the
-closed forms of 4.2, shape rules, parameter count, merge formula."""
+"""SPP (docs/methods.md §SPP, §Invariants): grouped == expanded, custom gradients == autograd of the expanded formula
+and the closed forms of §SPP gradients, shape rules, parameter count, merge formula."""
 from __future__ import annotations
 
 import pytest
@@ -57,7 +57,7 @@ def test_forms_and_gradients_match_autograd_of_expanded_formula(form):
 
 
 def test_gradients_match_closed_forms():
-    """dβ_i = s Σ_j P_ij α_g(i)j and dα_gj = s Σ_{i in g} P_ij β_i with P = G ⊙ W (methods.md 4.2)."""
+    """dβ_i = s Σ_j P_ij α_g(i)j and dα_gj = s Σ_{i in g} P_ij β_i with P = G ⊙ W (docs/methods.md §SPP gradients)."""
     weight, alpha, beta, x, dy = _problem(1)
     _, _, d_alpha, d_beta = _grads(lambda x, a, b: spp_adapter_expanded(x, weight, a, b, S), x, alpha, beta, dy)
     P = (dy.reshape(-1, D_OUT).T @ x.reshape(-1, D_IN)) * weight

@@ -1,4 +1,4 @@
-"""SQFT (methods.md 3, 8): SparsePEFT gradients, QA-SparsePEFT (INT4 + STE) and NLS elastic ranks."""
+"""SQFT (docs/methods.md §SQFT, §Invariants): SparsePEFT gradients, QA-SparsePEFT (INT4 + STE) and NLS elastic ranks."""
 from __future__ import annotations
 
 import pytest
@@ -44,7 +44,7 @@ def test_sparsepeft_gradients_match_closed_form_and_masked_autograd():
     out.backward(dy)
     U, V = module.lora_U.detach().double(), module.lora_V.detach().double()
     torch.testing.assert_close(out, x @ weight.T + bias + x @ ((S * U @ V) * mask).T, rtol=1e-12, atol=1e-12)
-    G = dy.reshape(-1, D_OUT).T @ x.detach().reshape(-1, D_IN)  # methods.md 3.2
+    G = dy.reshape(-1, D_OUT).T @ x.detach().reshape(-1, D_IN)  # docs/methods.md §SQFT
     torch.testing.assert_close(module.lora_U.grad, (S * (G * mask) @ V.T).float())
     torch.testing.assert_close(module.lora_V.grad, (S * U.T @ (G * mask)).float())
     torch.testing.assert_close(x.grad, dy @ (weight + (S * U @ V) * mask), rtol=1e-12, atol=1e-12)
@@ -57,7 +57,7 @@ def test_sparsepeft_gradients_match_closed_form_and_masked_autograd():
 
 def _reference_quantize(w, base, group_size):
     """INT4 of `w` with per-row, per-group asymmetric min-max scales/zero points of the frozen `base`
-    (methods.md 3.3), written out with loops, independent of the module."""
+    (docs/methods.md §SQFT QA-SparsePEFT), written out with loops, independent of the module."""
     out = torch.empty_like(w)
     codes = torch.empty_like(w)
     for i in range(w.shape[0]):

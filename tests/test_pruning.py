@@ -1,4 +1,4 @@
-"""Pruner math (methods.md 2.3-2.5): exact sparsity per comparison group, N:M validity, Wanda against a
+"""Pruner math (docs/methods.md §Pruning): exact sparsity per comparison group, N:M validity, Wanda against a
 brute-force reference, SparseGPT against a naive float64 OBS reference and against magnitude / Wanda on the
 layer's reconstruction error, sparsity 0, N:M width errors, options."""
 from __future__ import annotations
@@ -145,7 +145,8 @@ def test_wanda_matches_brute_force_reference(pattern, sparsity):
 # --- SparseGPT ------------------------------------------------------------------------------------------------
 
 def _naive_obs(weight, hessian, sparsity, pattern, blocksize, percdamp=0.01):
-    """Column-by-column OBS in float64 without the lazy block updates (methods.md 2.5, written out plainly)."""
+    """Column-by-column OBS in float64 without the lazy block updates (docs/methods.md §SparseGPT, written out
+    plainly)."""
     W = weight.double().clone()
     H = hessian.double().clone()
     d_out, d_in = W.shape

@@ -1,4 +1,4 @@
-"""The pruning cache (DESIGN.md "Masks are artifacts"): a hit on the second run reproduces the first run's model
+"""The pruning cache (docs/methods.md §Mask artifacts): a hit on the second run reproduces the first run's model
 exactly without calibrating; any tampered, partial or mismatched entry is detected, logged and rebuilt."""
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Layer-wise sequential calibration (methods.md 2.2) on a tiny random LLaMA: the block-by-block statistics equal
-those of a direct full-model hook capture, and the whole sequential procedure equals its naive full-model form."""
+"""Layer-wise sequential calibration (docs/methods.md §Calibration) on a tiny random LLaMA: the block-by-block
+statistics equal those of a direct full-model hook capture, and the whole sequential procedure equals its naive
+full-model form."""
 from __future__ import annotations
 
 import pytest

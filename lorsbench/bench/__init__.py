@@ -1,4 +1,4 @@
-"""Efficiency benchmark (results/efficiency/README.md "Protocol"; issues 5, 13).
+"""Efficiency benchmark (docs/measurement.md §Efficiency benchmark; issues 5, 13).
 
     python -m lorsbench.bench --model random-llama3-8b --pattern 2of4 --seq-lens 512 1024 2048 \\
         --methods lora spp sqft lors lors_exact slope full_sparse_ft --peers peft_lora authors_lors

@@ -1,5 +1,5 @@
 """`python -m lorsbench.bench`: every method (and peer) × sequence length × step mode, one fresh process per
-cell, then CSV + Markdown + PNG (results/efficiency/README.md "Protocol").
+cell, then CSV + Markdown + PNG (docs/measurement.md §Efficiency benchmark).
 
     python -m lorsbench.bench --model random-llama3-8b --pattern 2of4 --seq-lens 512 1024 2048 \\
         --methods lora spp sqft lors lors:kernel=torch lors_exact slope full_sparse_ft \\
@@ -31,7 +31,7 @@ from lorsbench.bench import table
 DEFAULT_METHODS = ("lora", "spp", "sqft", "lors", "lors_exact", "slope", "full_sparse_ft")
 MODES = ("eager", "cuda_graph")
 NOTES = (
-    "Protocol (results/efficiency/README.md): each cell's config composed by Hydra from conf/ with "
+    "Protocol (docs/measurement.md §Cell protocol): each cell's config composed by Hydra from conf/ with "
     "experiment=bench and typed by build_run_config; random weights at the model's shapes, magnitude masks "
     "(kept on the device), bf16 weights and activations (adapters keep fp32 master weights), every sequence "
     "exactly seq_len tokens, r = 16 (spp: 16 rows), adapters on q,k,v,o,gate,up,down, no gradient checkpointing, "

@@ -1,5 +1,5 @@
 """One benchmark cell: a method (or peer) × batch × sequence length × step mode, measured through the
-pipeline's own pieces in its own process (results/efficiency/README.md "Protocol").
+pipeline's own pieces in its own process (docs/measurement.md §Cell protocol).
 
     python -m lorsbench.bench.cell --model random-llama3-8b --pattern 2of4 --method lors --seq-len 2048
 

@@ -1,5 +1,5 @@
 """The FLOP floor of a training step: the GEMM work the step cannot avoid, over the GPU's measured GEMM rate
-(results/efficiency/README.md "FLOP floor"; issue 13 item 4).
+(docs/measurement.md §FLOP floor; issue 13 item 4).
 
 Counted per step of `tokens = batch × seq_len` (multiply-add = 2 FLOPs):
 - every adapted (frozen) linear d_out × d_in: forward `X Wᵀ` and the input gradient `dY W` (no weight gradient):

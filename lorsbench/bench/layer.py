@@ -1,5 +1,5 @@
 """Per-layer micro-benchmark: forward + backward of ONE adapted linear, built by each method's own `attach`
-(methods.md 7.5 protocol: bf16, 2:4 magnitude mask, r = 16, x requires grad so dX is computed).
+(docs/measurement.md §Per-layer benchmark: bf16, 2:4 magnitude mask, r = 16, x requires grad so dX is computed).
 
     python -m lorsbench.bench.layer                       # methods × shapes × T: median ms, peak extra MiB
     python -m lorsbench.bench.layer --tune                # every method's kernel tuner (Method.kernel_tuner)

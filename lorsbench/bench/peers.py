@@ -1,5 +1,5 @@
 """Peer rows of the efficiency benchmark: what a user would pick instead of a lorsbench method, run through the
-same cell protocol (results/efficiency/README.md "Peers"; issue 13 item 3). Peers are NOT methods: they live
+same cell protocol (docs/measurement.md §Peers and larger batches; issue 13 item 3). Peers are NOT methods: they live
 here, are never registered, and their rows say `peer`. Each takes its hyper-parameters from the composed config
 of the method it stands beside (`config_method`), so rank and alpha are the protocol's.
 

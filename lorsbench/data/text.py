@@ -1,8 +1,7 @@
 """Offline English text: Python's reference manual (`pydoc_data.topics`, in every CPython).
 
-The manual changes between Python releases (measured: the dense default model's held-out perplexity is 12.65 under
-3.11 and 11.79 under 3.12), so perplexities are comparable only between runs whose records carry the same
-`perplexity_text_sha256`.
+The manual changes between Python releases (and with it a model's perplexity on it), so perplexities are
+comparable only between runs whose records carry the same `perplexity_text_sha256`.
 
 One fixed split: the first (1 - heldout_fraction) of the tokens is calibration text, the rest is held out for
 perplexity, so pruning never sees the text it is scored on.

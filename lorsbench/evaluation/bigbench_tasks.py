@@ -10,11 +10,11 @@ Two deliberate departures, both seeded and deterministic:
   head of an often-ordered file;
 - each example's answer choices are shuffled, and the gold index follows its answer. The JSONs often list the
   correct answer first, and with choices in the prompt that inflates accuracy through position/copy bias
-  (research/environment.md section 4b: temporal_sequences 0.93 in source order, 0.24 shuffled, chance 0.25).
+  (docs/environment.md §BIG-bench tasks).
 
 The converted suite lives under `<cache>/eval_tasks/bigbench/<key>/`, where `<key>` hashes the conversion
 settings and task list, so changing either regenerates it. `data_files` paths are absolute: lm-eval resolves
-relative ones against the current directory, not the YAML's folder (environment.md pitfall 9).
+relative ones against the current directory, not the YAML's folder (docs/environment.md §Cache layout).
 """
 from __future__ import annotations
 

@@ -205,8 +205,8 @@ def _prepare_local(config: EvalConfig, cache_dir: Path) -> PreparedEval:
 
 
 def _find_builtin_task_dirs(names: list[str]) -> dict[str, Path]:
-    """Folders of lm-eval's own YAMLs defining `task: <name>`, found by a text scan (about 1 s); indexing all
-    of lm-eval's ~14k YAMLs with a full TaskManager takes 10-15 s on 2 cores."""
+    """Folders of lm-eval's own YAMLs defining `task: <name>`, found by a text scan; indexing all
+    of lm-eval's YAMLs with a full TaskManager takes far longer."""
     root = Path(importlib.util.find_spec("lm_eval.tasks").origin).parent
     pattern = re.compile(r"^task:\s*['\"]?([^\s'\"#]+)", re.MULTILINE)
     wanted, found = set(names), {}

@@ -5,7 +5,7 @@ exactly as the offline suite converts them (same seed, same <= 200-document subs
 kept when its accuracy is at least 2 standard errors above the better of two baselines:
 - uniform chance, mean of 1/num_choices over the documents;
 - the majority label, the share of the most common gold answer text (binary tasks are often unbalanced, and a
-  small model that always answers one label scores exactly that; research/environment.md section 4b).
+  small model that always answers one label scores exactly that; docs/environment.md §BIG-bench tasks).
 With b = max(chance, majority) and n documents, z = (acc - b) / sqrt(b (1 - b) / n) (one-sided binomial test of
 the baseline); kept iff z >= 2. Tasks used for training (conf/data/bigbench_mix.yaml) are never candidates.
 
@@ -36,10 +36,10 @@ from lorsbench.runtime import torch_dtype
 REPO = Path(__file__).resolve().parents[2]
 Z_KEEP = 2.0
 
-# research/environment.md section 4c (31 tasks screened on this model), minus conf/data/bigbench_mix.yaml's
+# The tasks screened on this model (docs/environment.md §BIG-bench tasks), minus conf/data/bigbench_mix.yaml's
 # training tasks (removed again at run time from the composed config, in case that list changes), minus the two
-# costly ones that screening put far from the threshold (goal_step_wikihow/step_inference z +0.5,
-# logical_deduction/five_objects z +0.4; together ~100 s of the ~420 s bf16 budget there). Pass --tasks to widen.
+# costly ones that screening put far from the threshold (goal_step_wikihow/step_inference,
+# logical_deduction/five_objects). Pass --tasks to widen.
 CANDIDATES = (
     "unit_conversion/unit_identification", "unit_conversion/si_conversion", "general_knowledge",
     "date_understanding", "penguins_in_a_table", "physics", "ruin_names", "reasoning_about_colored_objects",
@@ -124,8 +124,9 @@ def write_markdown(rows: list[TaskSelection], path: Path, meta: dict) -> None:
         f"conversion key `{meta['key']}`); the offline suite evaluates exactly these documents.",
         f"- Baselines: chance = mean 1/num_choices; majority = share of the most common gold answer text. "
         f"z = (acc - b) / sqrt(b(1-b)/n) with b = max(chance, majority); **kept iff z >= {Z_KEEP:g}**.",
-        f"- Candidates ({len(rows)}): research/environment.md section 4c's 31 screened tasks minus the training "
-        f"tasks of conf/data/bigbench_mix.yaml, minus two costly far-from-threshold ones (see CANDIDATES).",
+        f"- Candidates ({len(rows)}): the tasks screened on this model (docs/environment.md §BIG-bench tasks) "
+        f"minus the training tasks of conf/data/bigbench_mix.yaml, minus two costly far-from-threshold ones "
+        f"(see CANDIDATES).",
         f"- Command: `{meta['command']}`",
         f"- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", Python {meta['python']}.",
         "",

@@ -1,4 +1,4 @@
-"""Pruning results as cached artifacts (DESIGN.md "Masks are artifacts").
+"""Pruning results as cached artifacts (docs/methods.md §Mask artifacts).
 
 One cache entry per (model_key, pruner, resolved pruner options, pattern, sparsity, targets, weight dtype,
 calibration config incl. its seed, and the per-layer rates when a prune schedule sets them) under `<cache_dir>/pruned/<pruner>-<pattern>-s<sparsity>-<hash16>/`:

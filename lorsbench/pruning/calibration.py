@@ -1,4 +1,4 @@
-"""Layer-wise sequential calibration (methods.md 2.2), as the Wanda / SparseGPT / LoRS pruners do it.
+"""Layer-wise sequential calibration (docs/methods.md §Calibration), as the Wanda / SparseGPT / LoRS pruners do it.
 
 1. Capture the inputs of decoder block 0 (hidden states plus the keyword arguments the block is called with:
    attention mask, position ids, rotary position embeddings) for every calibration sample.
@@ -208,8 +208,8 @@ def prune_layerwise(
     prune_linear: Callable[[str, nn.Module, LayerStats], torch.Tensor],
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The sequential procedure of methods.md 2.2 (no true-sequential ordering: within a block every linear
-    sees statistics of the dense block). `prune_linear(name, linear, stats)` prunes in place and returns the
+    """The sequential procedure of docs/methods.md §Calibration (no true-sequential ordering: within a block every
+    linear sees statistics of the dense block). `prune_linear(name, linear, stats)` prunes in place and returns the
     keep-mask. Returns name -> keep-mask (on CPU)."""
     if not batches:
         raise ConfigError("calibrated pruning needs at least one calibration sample (pruning.calibration.nsamples)")
@@ -261,8 +261,8 @@ C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
 
 
 def c4_calibration_batches(tokenizer, nsamples: int, seq_len: int, seed: int) -> list[Batch]:
-    """methods.md 2.2: `random.seed(seed)`; per sample draw random documents of the first C4 train shard until
-    one tokenizes to more than `seq_len` tokens, then take a random window of exactly `seq_len` tokens."""
+    """docs/methods.md §Calibration: `random.seed(seed)`; per sample draw random documents of the first C4 train shard
+    until one tokenizes to more than `seq_len` tokens, then take a random window of exactly `seq_len` tokens."""
     offline = any(os.environ.get(k, "0") not in ("", "0", "false", "False") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if offline:
         raise ConfigError(

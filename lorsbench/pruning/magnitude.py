@@ -1,4 +1,5 @@
-"""Magnitude pruning (methods.md 2.3): score |W|, one threshold per matrix; N:M per group of M input columns."""
+"""Magnitude pruning (docs/methods.md §Magnitude): score |W|, one threshold per matrix; N:M per group of M input
+columns."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
-"""Keep-masks (True = kept weight) and the sparsity checks every run records (DESIGN.md "Masks are artifacts").
+"""Keep-masks (True = kept weight) and the sparsity checks every run records (docs/methods.md §Mask artifacts).
 
-Comparison groups (methods.md 2.1-2.4): `matrix` (one threshold per weight matrix, magnitude),
+Comparison groups (docs/methods.md §Sparsity patterns): `matrix` (one threshold per weight matrix, magnitude),
 `row` (per output row, Wanda); N:M groups are M consecutive input columns of one row.
 """
 from __future__ import annotations

@@ -31,7 +31,7 @@ PATTERNS = {
     "4of8": PatternConfig("4of8", 4, 8),
 }
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-# Wanda README, LLaMA-2-7B, WikiText-2 (methods.md 2.4): the expected ordering, not a target.
+# Wanda README, LLaMA-2-7B, WikiText-2 (docs/methods.md §Wanda): the expected ordering, not a target.
 LITERATURE = {
     ("dense", "-"): 5.12,
     ("magnitude", "unstructured"): 14.89, ("wanda", "unstructured"): 6.42, ("sparsegpt", "unstructured"): 6.51,

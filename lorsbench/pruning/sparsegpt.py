@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh 2023; methods.md 2.5): OBS pruning with the damped inverse Hessian of the
+"""SparseGPT (Frantar & Alistarh 2023; docs/methods.md §SparseGPT): OBS pruning with the damped inverse Hessian of the
 layer's inputs, column by column in blocks, with the remaining weights updated to compensate.
 
 All arithmetic in fp32 (TF32 off, as the reference); the result is written back in the weight's dtype.
@@ -62,7 +62,7 @@ def _no_tf32():
 
 def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Dead inputs (H_jj = 0) get H_jj = 1; H += percdamp * mean(diag H) * I; returns (upper Cholesky factor of
-    H^-1, bool vector of dead inputs). Steps 2-4 of methods.md 2.5."""
+    H^-1, bool vector of dead inputs). As docs/methods.md §SparseGPT."""
     H = hessian.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0

@@ -1,4 +1,4 @@
-"""Wanda (Sun et al. 2023; methods.md 2.4): score |W_ij| * ||X_j||_2, comparison group = each output row.
+"""Wanda (Sun et al. 2023; docs/methods.md §Wanda): score |W_ij| * ||X_j||_2, comparison group = each output row.
 
 No weight update. N:M: the (m - n) lowest scores of every m consecutive input columns of a row are dropped.
 """
