@@ -62,7 +62,7 @@ for stage in "${@:-bench13b}"; do
                   paths.output_root="$OUT/pipeline" run_name="lors-smoke-${n}proc" ${PIPELINE_EXTRA:-}
               done
               $PY -m lorsbench.report "$OUT/pipeline/runs" --name report --out "$OUT/pipeline" || rc=1 ;;
-    scaling)  $PY -m lorsbench.bench.scaling "$OUT/scaling.md" "$OUT"/bench/*.csv || rc=1 ;;
+    scaling)  $PY -m lorsbench.bench.scaling "$OUT"/scaling.md "$OUT"/bench/*.csv || rc=1 ;;
     *) echo "unknown stage '$stage' (bench13b | bench70b | pipeline | scaling)" >&2; return 2 ;;
   esac
 done
