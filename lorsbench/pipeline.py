@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from lorsbench import distributed
 from lorsbench.config import PatternConfig, PruningConfig, RunConfig
 from lorsbench.config_checks import check_model_fits, check_run_config, resolve_lr
 from lorsbench.registry import Method, MethodContext, build_method
@@ -86,6 +87,7 @@ class Run:
     record: RunRecord = field(init=False)
     phase: str = "setup"
     device: torch.device | None = None  # setup
+    dist: distributed.Single | None = None  # setup: this rank's share of the run (lorsbench.distributed)
     dtype: torch.dtype | None = None  # setup
     generator: torch.Generator | None = None  # setup
     method: Method | None = None  # setup
@@ -105,8 +107,8 @@ class Run:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        self.record = RunRecord(self.output_dir, started_at=now_utc(), output_dir=str(self.output_dir),
-                                **_factors(self.cfg))
+        self.record = distributed.new_record(self.output_dir, started_at=now_utc(),
+                                             output_dir=str(self.output_dir), **_factors(self.cfg))
 
     def measured(self, phase: str) -> PhaseMeter:
         return PhaseMeter(phase, self.device)
@@ -133,9 +135,11 @@ def setup(run: Run) -> None:
     run.rounds = run.method.schedule(cfg)  # one round unless the method owns a prune schedule (lorsbench.schedule)
     check_rounds(run.rounds, cfg.trainer.max_steps)
     run.scheduled = run.rounds != default_schedule(cfg)
+    run.dist = distributed.start(cfg, run.device, run.scheduled)
+    run.device = run.dist.device
     run.record.update(provenance(run.device))
     run.record.update(method_config=run.method.describe(), preserves_sparsity=run.method.preserves_sparsity,
-                      device=str(run.device), dtype=str(run.dtype).removeprefix("torch."))
+                      device=str(run.device), dtype=str(run.dtype).removeprefix("torch."), **run.dist.describe())
     run.record.save()
 
 
@@ -171,7 +175,8 @@ def prepare_data(run: Run) -> None:
     run.train_data = tokenize_examples(examples, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
     run.heldout_data = (tokenize_examples(heldout, run.tokenizer, cfg.trainer.seq_len, cfg.data.loss_on)
                         if heldout else None)
-    run.train_batches = lambda: batch_iterator(run.train_data, cfg.trainer.micro_batch_size, cfg.seed)
+    run.train_batches = run.dist.batches(lambda rows: batch_iterator(run.train_data, rows, cfg.seed),
+                                         cfg.trainer.micro_batch_size)
     run.record.update(train_examples=len(examples), heldout_examples=len(heldout))
 
 
@@ -212,7 +217,9 @@ def prune(run: Run) -> None:
 
         run_rounds(run, model_key(run), prune_with, method_context, run.output_dir / TRAIN_LOG)
         return
-    outcome, stats = prune_with(run, run.cfg.pruning, model_key(run))
+    with run.dist.rank0_first():  # the artifact cache writes the masks once; the other ranks load them
+        outcome, stats = prune_with(run, run.cfg.pruning, model_key(run))
+    run.dist.check_same("masks", outcome.masks.digest())
     run.record.update(stats.as_dict(), prune_cache_hit=outcome.cache_hit, prune_wall_s=outcome.prune_wall_s,
                       prune_wall_s_saved=outcome.cached_prune_wall_s if outcome.cache_hit else 0.0,
                       mask_digest=outcome.masks.digest(),
@@ -233,6 +240,7 @@ def attach(run: Run) -> None:
         return  # attached in every round of the schedule (prune)
     run.params = run.method.attach(run.model, run.masks, method_context(run))
     run.record.update(trainable_params=sum(p.numel() for p in run.params))
+    run.model, run.params = run.dist.shard(run.model, run.params)
 
 
 def fine_tune(run: Run) -> None:
@@ -241,9 +249,17 @@ def fine_tune(run: Run) -> None:
     cfg = run.cfg
     with run.measured("train") as meter:
         result = train(run.model, run.params, run.train_batches(), cfg.trainer, cfg.profile, run.device,
-                       log_path=run.output_dir / TRAIN_LOG, after_step=run.record.heartbeat(HEARTBEAT_S))
-    run.record.update(meter.stats.as_dict(), **result.as_dict())
-    run.sparsity("after_train", run.model)
+                       log_path=run.output_dir / TRAIN_LOG if run.dist.is_main else None,
+                       after_step=run.record.heartbeat(HEARTBEAT_S), ranks=run.dist)
+    peaks = distributed.train_peaks(run.dist, meter.stats)  # every rank's (a collective under FSDP)
+    run.record.update(meter.stats.as_dict(), **result.as_dict(), **peaks.as_dict())
+
+
+def gather(run: Run) -> None:
+    """The trained model whole, on rank 0 (the other ranks are done after this phase)."""
+    run.model = run.dist.full_model(run.model)
+    if run.dist.is_main and not run.scheduled:
+        run.sparsity("after_train", run.model)
 
 
 def merge(run: Run) -> None:
@@ -289,7 +305,8 @@ def evaluate(run: Run) -> None:
                       eval_data_source=run.prepared_eval.data_source if scores.tasks else None)
 
 
-PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, merge, validate, evaluate)
+PHASES = (setup, prepare_evaluation, load, prepare_data, prune, attach, fine_tune, gather, merge, validate, evaluate)
+RANK0_PHASES = (merge, validate, evaluate)  # on the gathered model: the other ranks of a sharded run skip them
 
 
 def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:
@@ -303,6 +320,8 @@ def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:
         try:
             run.record.save()
             for phase in PHASES:
+                if phase in RANK0_PHASES and not run.dist.is_main:
+                    continue
                 run.phase = phase.__name__
                 log.info("phase: %s", run.phase)
                 phase(run)
@@ -317,11 +336,12 @@ def run_pipeline(cfg: RunConfig, output_dir: Path) -> RunRecord:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a record; the caller decides the exit code
             run.record.update(status=failure_status(exc), error=f"{type(exc).__name__}: {exc}",
                               error_type=type(exc).__name__, phase_failed=run.phase)
-            write_text_atomic(run.output_dir / ERROR_LOG, traceback.format_exc())
+            write_text_atomic(run.output_dir / distributed.rank_file(ERROR_LOG), traceback.format_exc())
             log.error("run failed in phase %s: %s: %s", run.phase, type(exc).__name__, exc)
         finally:
             with _signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the final record short
                 run.record.update(finished_at=now_utc(), wall_s=time.perf_counter() - t0)
+                distributed.blame_failed_rank(run.record)
                 run.record.save()
     if interrupted is not None:
         raise interrupted

@@ -3,7 +3,9 @@
 `RecordFields` below is the one definition of the schema: the pipeline writes it, `lorsbench.report` validates
 every record it reads against it (`validate_record`). Per-phase and per-stage fields follow `PER_PHASE_FIELDS`
 and `PER_STAGE_FIELDS`. SCHEMA_VERSION 2 adds `pid`, `host`, `heartbeat_at` (a `running` record whose process is
-gone is recognisable: `liveness`) and the `interrupted` status; version-1 records stay readable.
+gone is recognisable: `liveness`) and the `interrupted` status; SCHEMA_VERSION 3 adds the distributed fields
+(`world_size`, `sharding`, `peak_mem_gib_rank0`, `peak_mem_gib_max_over_ranks`; docs/distributed.md). Older
+versions stay readable.
 
 - prune schedule (only methods that prune in rounds, lorsbench/schedule.py): rounds [{round, target_sparsity,
   pattern, train_steps, prune_cache_hit, prune_wall_s, prune_wall_s_saved, mask_digest, mask_sparsity,
@@ -26,8 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypedDict, Union, get_args, get_origin, get_type_hints
 
-SCHEMA_VERSION = 2
-KNOWN_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+KNOWN_SCHEMA_VERSIONS = (1, 2, 3)
 RECORD_FILE = "run.json"
 # running: in progress (or killed outright: see `liveness`); interrupted: SIGINT/SIGTERM, recorded by the run.
 STATUSES = ("running", "success", "failed", "oom", "interrupted")
@@ -96,6 +98,11 @@ class RecordFields(TypedDict, total=False):
     final_loss: float | None
     step_mode: str  # eager | cuda_graph (trainer.cuda_graph)
     cuda_graph_fallback: str | None  # why trainer.cuda_graph=true ran eagerly, else null
+    # distributed (schema 3; lorsbench.distributed): tokens_per_step and tokens_per_s count the global batch
+    world_size: int  # processes that trained (1: distributed=none)
+    sharding: str | None  # fsdp2_per_decoder_layer, or null for one process
+    peak_mem_gib_rank0: float | None  # training's peak memory of rank 0 (allocated on CUDA, RSS on CPU)
+    peak_mem_gib_max_over_ranks: float | None  # the same, the maximum over every rank
     # prune schedule (methods that prune in rounds, lorsbench.schedule)
     rounds: list
     schedule_wall_s: float

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorsbench.config import ProfileConfig, TrainerConfig
+from lorsbench.distributed import Single
 from lorsbench.profiling import StepTimer, current_memory_gib, synchronize
 
 Batch = dict[str, torch.Tensor]
@@ -82,7 +83,8 @@ def step_body(model: nn.Module, params: list[nn.Parameter], optimizer: torch.opt
         (loss / len(micro_batches)).backward()
         losses.append(loss.detach())
     if max_grad_norm:
-        losses.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # sharded (DTensor) parameters: a DTensor
+        losses.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in losses) else torch.float32
     return torch.stack([v.to(dtype) for v in losses])
@@ -216,16 +218,20 @@ def train(
     log_path: Path | None = None,
     loss_fn: LossFn = causal_lm_loss,
     after_step: Callable[[], None] | None = None,
+    ranks: Single | None = None,
 ) -> TrainResult:
     """Run `config.max_steps` optimizer steps over `params`; log one JSON line per step to `log_path`.
 
     `after_step` runs after each step, outside the timed region (the benchmark's profiler advances on it).
+    `ranks` (lorsbench.distributed): under FSDP each rank passes its slice of the global batch, the logged loss is
+    the mean over ranks and tokens count the global batch; None: one process.
 
     `tokens_per_s` counts every position of the fixed-length batches (padding included), so methods compare on
     identical shapes. In graph mode the timer also skips the warm-up and capture steps, so the timed steps are
     replays.
     """
-    tokens_per_step = config.micro_batch_size * config.grad_accum * config.seq_len
+    ranks = ranks or Single(device)
+    tokens_per_step = config.micro_batch_size * config.grad_accum * config.seq_len * ranks.world_size
     if not params or config.max_steps == 0:
         return TrainResult(0, None, None, None, 0, tokens_per_step, None)
 
@@ -259,7 +265,7 @@ def train(
             except CaptureFailed as failed:
                 fallback, step_fn = str(failed), eager
                 out = step_fn(micro_batches)
-            values = out.tolist()  # the one host copy per step: losses and grad-norm
+            values = ranks.mean(out).tolist()  # the one host copy per step: losses (rank mean) and grad-norm
             step_ms = timer.stop()
             loss_value = sum(values[: config.grad_accum]) / config.grad_accum
             grad_norm = values[config.grad_accum] if config.max_grad_norm else None

@@ -65,6 +65,8 @@ if __name__ == "__main__":
                  marks=needs_submitit),
     pytest.param("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
                  marks=needs_submitit),
+    pytest.param("slurm_multigpu", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                 marks=needs_submitit),
     pytest.param("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", marks=needs_joblib),
 ])
 def test_launcher_configs_compose(launcher, target):
@@ -75,6 +77,8 @@ def test_launcher_configs_compose(launcher, target):
     if launcher == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
         assert cfg.hydra.launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"
+    if launcher == "slurm_multigpu":  # one task per GPU, each an FSDP rank
+        assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
 
 
 @pytest.fixture

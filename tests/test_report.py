@@ -220,3 +220,21 @@ def test_report_order_read_from_the_method_sources_is_the_classes():
     from lorsbench.report.collect import method_rank
 
     assert sorted(orders, key=method_rank)[:3] == ["none", "lora", "spp"]
+
+
+def test_a_sharded_run_shows_its_world_size(tmp_path):
+    """A distributed=fsdp record (schema 3) validates and its cost block names the GPUs: "2× <device>"."""
+    base = {"schema_version": 3, "status": "success", "pruner": "wanda", "pattern": "unstructured",
+            "target_sparsity": 0.5, "model": "m", "seed": 0, "device_name": "NVIDIA H200", "dtype": "bfloat16",
+            "method": "lora", "method_config": {"rank": 16}}
+    for name, extra in (("one", {"world_size": 1, "sharding": None, "step_ms_median": 100.0}),
+                        ("two", {"world_size": 2, "sharding": "fsdp2_per_decoder_layer", "step_ms_median": 60.0,
+                                 "peak_mem_gib_rank0": 3.5, "peak_mem_gib_max_over_ranks": 3.75})):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({**base, **extra, "run_name": name}))
+    out = write_report([tmp_path / "runs"], "world", tmp_path / "out")
+    md = (out / "report.md").read_text()
+    assert "2× NVIDIA H200" in md and "| lora | 1 | 60.00 |" in md and "| lora | 1 | 100 |" in md
+    runs = pd.read_csv(out / "runs.csv").set_index("run_dir")
+    assert runs.loc["runs/two", "peak_mem_gib_max_over_ranks"] == pytest.approx(3.75)

@@ -87,7 +87,9 @@ def _fork_run(spec, timeout_s: float) -> dict:
 def _subprocess_run(spec, timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, "-m", "lorsbench.bench.cell", "--model", spec.model, "--pattern", spec.pattern,
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}"]
+        cmd = [sys.executable, *(launcher if spec.nproc > 1 else []), "-m", "lorsbench.bench.cell",
+               "--model", spec.model, "--pattern", spec.pattern,
                "--rank", str(spec.rank), "--batch-size", str(spec.batch_size), "--warmup", str(spec.warmup_steps),
                "--steps", str(spec.measured_steps), "--profiled-steps", str(spec.profiled_steps),
                "--seed", str(spec.seed), "--dtype", spec.dtype, "--device", spec.device, "--method", spec.method,
@@ -214,6 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
 
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:  # FSDP cells: one GPU per process (NVML: counts devices without initialising CUDA)
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+        if gpus < args.nproc:
+            print(f"error: --nproc {args.nproc} runs each cell on {args.nproc} GPUs (torchrun + FSDP2) and this "
+                  f"machine has {gpus} CUDA device(s){' (--device cpu)' if args.device == 'cpu' else ''}. Run it on "
+                  "a several-GPU machine (scripts/gpu_distributed.sh). Nothing was run or written.", file=sys.stderr)
+            return 2
     if args.device != "cpu":  # cuda, cuda:N or auto: the benchmark times GPU steps
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a fork-safe availability check
         if not torch.cuda.is_available():
@@ -223,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     name = args.name or f"{args.model}_{args.pattern}" + (
-        "" if args.pattern != "unstructured" else f"{args.sparsity if args.sparsity is not None else 0.5:g}")
+        "" if args.pattern != "unstructured" else f"{args.sparsity if args.sparsity is not None else 0.5:g}") + (
+        f"_{args.nproc}gpu" if args.nproc > 1 else "")
 
     def refuse_existing(out_dir: Path) -> bool:
         existing = [p for p in table.table_paths(out_dir, name)[:2] if p.exists()]
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = table.read_csv(csv_path) if args.append and csv_path.exists() else []
     if probe["gemm_tflops"]:
         print(f"[bench] {probe['gpu']}: {probe['gemm_tflops']:.3g} TFLOP/s measured GEMM rate", flush=True)
-    run = _fork_run if args.isolation == "fork" else _subprocess_run
+    # torchrun starts the processes of a several-GPU cell
+    run = _fork_run if args.isolation == "fork" and args.nproc == 1 else _subprocess_run
     failures = 0
 
     def record(row: dict) -> None:

@@ -56,6 +56,7 @@ class CellSpec:
     cuda_graph: bool = False  # trainer.cuda_graph=true: the whole step captured and replayed
     overrides: tuple[str, ...] = ()  # further Hydra overrides (key=value) for the cell's config
     gemm_tflops: float | None = None  # the invocation's measured GEMM rate: the FLOP floor's denominator
+    nproc: int = 1  # > 1: torchrun processes, distributed=fsdp (batch_size is per GPU; docs/distributed.md)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class CellResult:
     floor_ms: float | None = None  # step_gflop at gemm_tflops
     x_floor: float | None = None  # step_ms_median / floor_ms
     largest_batch: bool = False  # the largest batch that fit (--max-batch search)
+    world_size: int = 1  # processes (GPUs) that trained the cell; tokens_per_s is then the global rate
+    peak_alloc_gib_max_over_ranks: float | None = None  # peak_alloc_gib is rank 0's
     top_kernels: list[list[Any]] = field(default_factory=list)  # [kernel name, ms per step], longest first
     method_config: dict[str, Any] = field(default_factory=dict)
     gpu: str | None = None
@@ -145,6 +148,8 @@ def cell_overrides(spec: CellSpec) -> list[str]:
         put("method.init", "lora")
     if spec.cuda_graph:
         put("++trainer.cuda_graph", True)
+    if spec.nproc > 1:
+        put("distributed", "fsdp")
     for item in (*spec.overrides, *(f"++method.{item}" for item in method_items)):
         key, eq, value = item.partition("=")
         if not eq:
@@ -216,6 +221,7 @@ def new_result(spec: CellSpec) -> CellResult:
 
 def run_cell(spec: CellSpec) -> CellResult:
     """Compose, load, prune, attach and train one cell; every failure becomes a result (status oom | failed)."""
+    from lorsbench import distributed
     from lorsbench.bench.flops import floor_ms, model_shapes, step_flops
     from lorsbench.bench.peers import peer_of
     from lorsbench.registry import MethodContext, build_method
@@ -238,7 +244,9 @@ def run_cell(spec: CellSpec) -> CellResult:
         cfg = compose_cell(spec)
         row.sparsity = cfg.pruning.sparsity
         phase = "setup"
-        device = resolve_device(cfg.device)
+        ranks = distributed.start(cfg, resolve_device(cfg.device), scheduled=False)
+        device = ranks.device
+        row.world_size = ranks.world_size
         row.gpu = device_name(device)
         dtype = torch_dtype(cfg.dtype, device)
         peer = peer_of(spec.method)
@@ -262,12 +270,14 @@ def run_cell(spec: CellSpec) -> CellResult:
             params = method.attach(model, masks, ctx)
         del masks  # the modules hold their own references
         row.trainable_params = sum(p.numel() for p in params)
+        model, params = ranks.shard(model, params)
         phase = "train"
         trainer = cfg.trainer
         batches = fixed_batches(model.config.vocab_size, trainer.micro_batch_size, trainer.seq_len, device, cfg.seed)
         with PhaseMeter("train", device) as meter:
-            result = train(model, params, batches, trainer, cfg.profile, device)
+            result = train(model, params, batches, trainer, cfg.profile, device, ranks=ranks)
         stats = meter.stats
+        row.peak_alloc_gib_max_over_ranks = distributed.train_peaks(ranks, stats).max_over_ranks_gib
         row.static_alloc_gib = stats.start_alloc_gib
         row.peak_alloc_gib = stats.peak_rss_gib if device.type == "cpu" else stats.peak_alloc_gib
         row.peak_reserved_gib = stats.peak_reserved_gib
@@ -285,12 +295,13 @@ def run_cell(spec: CellSpec) -> CellResult:
             profiled = replace(trainer, max_steps=2 + spec.profiled_steps)
             kernels = kernel_time_per_step(
                 lambda after_step: train(model, params, batches, profiled, replace(cfg.profile, warmup_steps=0),
-                                         device, after_step=after_step),
+                                         device, after_step=after_step, ranks=ranks),
                 skip_steps=1, active_steps=spec.profiled_steps, device=device, top=TOP_KERNELS)
             row.gpu_kernel_ms = kernels.ms_per_step
             row.top_kernels = [[name, ms] for name, ms in kernels.top]
-        phase = "saved_tensors"
-        row.saved_activations_gib = saved_activation_bytes(model, next(batches), causal_lm_loss) / GIB
+        if ranks.world_size == 1:  # sharded parameters are gathered per layer: their storages are not the model's
+            phase = "saved_tensors"
+            row.saved_activations_gib = saved_activation_bytes(model, next(batches), causal_lm_loss) / GIB
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the table
         row.status = failure_status(exc)
         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -314,6 +325,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=CellSpec.seed)
     parser.add_argument("--dtype", default=CellSpec.dtype)
     parser.add_argument("--device", default=CellSpec.device)
+    parser.add_argument("--nproc", type=int, default=CellSpec.nproc,
+                        help="GPUs per cell: > 1 runs each cell under torchrun with distributed=fsdp (FSDP2); "
+                             "--batch-size is then per GPU")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for every cell's config (repeatable), e.g. targets=[q_proj,v_proj]")
 
@@ -322,7 +336,7 @@ def spec_from_args(args: argparse.Namespace, method: str, seq_len: int, **change
     spec = CellSpec(model=args.model, pattern=args.pattern, sparsity=args.sparsity, method=method, seq_len=seq_len,
                     batch_size=args.batch_size, rank=args.rank, warmup_steps=args.warmup,
                     measured_steps=args.steps, profiled_steps=args.profiled_steps, seed=args.seed, dtype=args.dtype,
-                    device=args.device, overrides=tuple(args.override))
+                    device=args.device, overrides=tuple(args.override), nproc=args.nproc)
     return replace(spec, **changes)
 
 
@@ -336,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # under torchrun the processes are the cell's GPUs (torchrun's parser would take a --nproc after the module)
+    nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
     row = run_cell(spec_from_args(args, args.method, args.seq_len, cuda_graph=args.cuda_graph,
-                                  gemm_tflops=args.gemm_tflops))
+                                  gemm_tflops=args.gemm_tflops, nproc=nproc))
     text = json.dumps(asdict(row))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the row is rank 0's to write
+        return 0 if row.status == "ok" else 1
     if args.json_out is not None:
         write_text_atomic(args.json_out, text + "\n")
     print(text)

@@ -19,12 +19,13 @@ COLUMNS = ("label", "method", "peer", "model", "pattern", "sparsity", "seq_len",
            "step_mode", "cuda_graph_fallback", "status", "step_ms_median", "step_ms_p90", "time_vs_ref",
            "gpu_kernel_ms", "kernel_vs_ref", "peak_alloc_gib", "mem_vs_ref", "peak_reserved_gib", "static_alloc_gib",
            "saved_activations_gib", "trainable_params", "tokens_per_s", "step_gflop", "gemm_tflops", "floor_ms",
-           "x_floor", "largest_batch", "measured_steps", "gpu", "torch_version", "triton_version", "date_utc",
+           "x_floor", "largest_batch", "world_size", "peak_alloc_gib_max_over_ranks", "measured_steps", "gpu",
+           "torch_version", "triton_version", "date_utc",
            "step_ms_runs", "phase", "error", "method_config", "top_kernels")
-_INTS = ("seq_len", "batch_size", "trainable_params", "measured_steps")
+_INTS = ("seq_len", "batch_size", "trainable_params", "measured_steps", "world_size")
 _FLOATS = ("sparsity", "step_ms_median", "step_ms_p90", "time_vs_ref", "peak_alloc_gib", "mem_vs_ref", "gpu_kernel_ms",
            "kernel_vs_ref", "peak_reserved_gib", "static_alloc_gib", "saved_activations_gib", "tokens_per_s",
-           "step_gflop", "gemm_tflops", "floor_ms", "x_floor")
+           "step_gflop", "gemm_tflops", "floor_ms", "x_floor", "peak_alloc_gib_max_over_ranks")
 _BOOLS = ("peer", "cuda_graph", "largest_batch")
 _JSON = ("method_config", "step_ms_runs", "top_kernels")
 

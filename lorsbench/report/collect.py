@@ -32,7 +32,8 @@ IDENTITY = ("run_dir", "run_name", "status", "regime", "block", "label", "varian
 FACTORS = ("model", "model_source", "weights", "pruner", "pattern", "target_sparsity", "method",
            "preserves_sparsity", "seed", "dtype", "device", "device_name", "data")
 TRAINING = ("trainable_params", "total_params", "train_steps", "max_steps", "seq_len", "micro_batch_size",
-            "grad_accum", "lr", "step_ms_median", "step_ms_p90", "tokens_per_s", "train_wall_s", "final_loss")
+            "grad_accum", "lr", "step_ms_median", "step_ms_p90", "tokens_per_s", "train_wall_s", "final_loss",
+            "world_size", "sharding", "peak_mem_gib_max_over_ranks")
 MEMORY = tuple(f"peak_{kind}_gib_{phase}" for phase in PHASES for kind in ("alloc", "reserved", "rss"))
 SPARSITY = tuple(f"{field}_{stage}" for stage in STAGES for field in ("sparsity", "nm_valid", "mask_preserved"))
 QUALITY = ("has_accuracy", "mean_acc", "mean_acc_norm", "perplexity", "perplexity_tokens", "perplexity_window")
@@ -182,6 +183,9 @@ def _flatten(record: dict[str, Any], run_dir: str) -> dict[str, Any]:
     row["has_accuracy"] = record.get("status") == "success" and not is_missing(row.get("mean_acc"))
     smoke, limit = bool(record.get("smoke")), record.get("eval_limit")
     row["regime"] = "smoke" if smoke else (f"limit={limit}" if not is_missing(limit) else "full")
+    world = record.get("world_size")
+    if isinstance(world, int) and world > 1:  # a sharded run is its own block: "4× NVIDIA H200" (rank 0's memory)
+        row["device_name"] = f"{world}× {row.get('device_name')}"
     if not is_missing(row.get("peak_alloc_gib_train")):
         row["memory_kind"], row["peak_mem_gib_train"] = "gpu_alloc", row["peak_alloc_gib_train"]
     elif not is_missing(row.get("peak_rss_gib_train")):
