@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from lorsbench.errors import ConfigError, unknown_name_error  # noqa: F401
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
-# torch.set_float32_matmul_precision: highest = true fp32 matmuls; high = TF32 on CUDA matrix units (CPU ignores it)
+# torch.set_float32_matmul_precision: highest = exact fp32 matmuls; high, medium allow reduced precision (TF32 on CUDA)
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 DATA_SOURCES = ("bigbench", "hf", "local")
 LOSS_ON = ("full", "response")
