@@ -20,7 +20,7 @@ from lorsbench.config import EvalConfig
 from lorsbench.data.tokenizers import BYTE_TOKENIZER_SIZE, byte_tokenizer
 from lorsbench.evaluation import EvalUnavailableError, evaluate_tasks, prepare_eval
 from lorsbench.evaluation import zeroshot_tasks as zt
-from lorsbench.evaluation.lm_eval_runner import SAMPLES_FILE, per_example_rows, read_samples
+from lorsbench.evaluation.lm_eval_runner import SAMPLES_FILE, per_example_rows
 
 CACHE_DIR = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
 OFFICIAL_ROWS = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "piqa": 1838,
@@ -225,7 +225,8 @@ def test_a_run_keeps_one_per_example_row_per_document(wheel, tmp_path, monkeypat
     prepared = prepare_eval(config, tmp_path)
     assert prepared.data_source == zt.DATA_SOURCE
     scores = evaluate_tasks(model, byte_tokenizer(), prepared, config, torch.device("cpu"), tmp_path / "run")
-    rows = read_samples(tmp_path / "run" / SAMPLES_FILE)
+    with gzip.open(tmp_path / "run" / SAMPLES_FILE, "rt") as handle:  # the rows as written (report.samples sorts)
+        rows = [json.loads(line) for line in handle]
     for task in ("winogrande", "arc_challenge"):
         mine = [r for r in rows if r["task"] == task]
         ids = [r["doc_id"] for r in mine]

@@ -388,11 +388,6 @@ def write_samples(path: Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def read_samples(path: Path) -> list[dict]:
-    with gzip.open(path, "rt") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def _metric(metrics: dict, name: str) -> float:
     """lm-eval keys metrics as '<name>,<filter>' ('acc,none'); stderr is 'N/A' when undefined (n=1)."""
     for key, value in metrics.items():
