@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -177,6 +177,14 @@ class RunConfig:
     resolved: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
+_RUN_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
+
+
+def _top(cfg: Mapping[str, Any], key: str) -> Any:
+    """A top-level key of the composed config, or RunConfig's default for it (the one place it is written)."""
+    return cfg.get(key, _RUN_DEFAULTS[key])
+
+
 def _build(cls, values: Mapping[str, Any] | None, where: str):
     """Instantiate a dataclass from a mapping, rejecting unknown keys with the valid field list."""
     values = dict(values or {})
@@ -298,7 +306,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         evaluation = replace(evaluation, perplexity=_build(PerplexityConfig, ppl_raw, "eval.perplexity"))
     _check_choice("eval.data_source", evaluation.data_source, EVAL_DATA_SOURCES)
     _check_eval(evaluation)
-    if evaluation.limit is not None and not cfg.get("smoke", False):
+    if evaluation.limit is not None and not _top(cfg, "smoke"):
         raise ConfigError("eval.limit is for smoke runs only (lm-eval: 'for testing only'); use experiment=smoke")
 
     distributed = _build(DistributedConfig, cfg.get("distributed"), "distributed")
@@ -314,11 +322,11 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         cache_dir=Path(os.path.expanduser(str(paths_raw["cache_dir"]))),
     )
 
-    dtype = str(cfg.get("dtype", "auto"))
+    dtype = str(_top(cfg, "dtype"))
     _check_choice("dtype", dtype, DTYPES)
-    matmul_precision = str(cfg.get("matmul_precision", "highest"))
+    matmul_precision = str(_top(cfg, "matmul_precision"))
     _check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
-    device = str(cfg.get("device", "auto"))
+    device = str(_top(cfg, "device"))
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
@@ -328,15 +336,15 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         if blocker is not None:
             raise ConfigError(f"paths.{key}={folder}: {blocker} exists and is not a directory; point paths.{key} "
                               "(or LORSBENCH_OUTPUT / LORSBENCH_CACHE) at a folder")
-    seed = cfg.get("seed", 0)
+    seed = _top(cfg, "seed")
     check_number("seed", seed, kind=int, low=0, low_ok=True)
 
     return RunConfig(
         model=model, pruning=pruning, method=method, data=data, trainer=trainer, eval=evaluation,
         profile=profile, paths=paths, distributed=distributed, seed=int(seed), device=device, dtype=dtype,
         matmul_precision=matmul_precision,
-        smoke=bool(cfg.get("smoke", False)), save_merged=bool(cfg.get("save_merged", False)),
-        resume=bool(cfg.get("resume", False)), run_name=str(cfg.get("run_name", "run")), resolved=resolved,
+        smoke=bool(_top(cfg, "smoke")), save_merged=bool(_top(cfg, "save_merged")),
+        resume=bool(_top(cfg, "resume")), run_name=str(_top(cfg, "run_name")), resolved=resolved,
     )
 
 
