@@ -26,12 +26,7 @@ NPROCS=${NPROCS:-$(seq -s ' ' 1 "$NGPU")}
 METHODS=${METHODS:-lora lors spp sqft}
 SEQ=${SEQ:-2048}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-$PY -c "import hydra, omegaconf" || { echo "missing hydra-core/omegaconf: carry their wheels in .whl/" >&2; exit 2; }
+. "$(dirname "$0")/device_env.sh" "hydra omegaconf"
 mkdir -p "$OUT/bench" "$OUT/pipeline"
 rc=0
 bench() {  # one table per model and world size; a failed cell makes the stage's exit code non-zero

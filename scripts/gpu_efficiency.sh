@@ -28,12 +28,7 @@ SEQS=${SEQS:-512 1024 2048}
 LOAD_SEQ=${LOAD_SEQ:-2048}
 MODES=${MODES:-eager cuda_graph}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-$PY -c "import hydra, omegaconf, peft" || { echo "missing hydra-core/omegaconf/peft: carry their wheels in .whl/" >&2; exit 2; }
+. "$(dirname "$0")/device_env.sh" "hydra omegaconf peft"
 mkdir -p "$OUT"
 CORE="lora lors"
 VARIANTS="lors:mask_source=stored lors:kernel=torch lors:kernel=fused,mask_source=stored"
