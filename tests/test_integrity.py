@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -47,6 +47,8 @@ def fake_bundled(monkeypatch):
 
     def convert(name, spec, folder, cache_dir):
         calls.append(name)
+        with open(cache_dir / "conversions.log", "a") as log:  # seen across processes too
+            log.write(name + "\n")
         time.sleep(0.3)  # long enough for a concurrent loader to arrive while converting
         tmp = folder.parent / models._tmp_name(folder)
         _save_tiny(tmp)
@@ -86,21 +88,17 @@ def test_damaged_or_truncated_bundled_model_is_converted_again(tmp_path, fake_bu
 
 
 def test_concurrent_first_loads_convert_once(tmp_path, fake_bundled):
-    config, calls = fake_bundled
-    errors = []
-
-    def load():
-        try:
-            _load(config, tmp_path)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=load) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and calls == ["tiny-bundled"]
+    """Two processes loading at once, as the first jobs of a sweep do: one converts, the other waits, and both load.
+    (Processes, not threads: transformers' loading is not thread-safe and a thread race left later loads on meta.)"""
+    config, _ = fake_bundled
+    context = multiprocessing.get_context("fork")  # the children keep the fixture's monkeypatches
+    loaders = [context.Process(target=_load, args=(config, tmp_path)) for _ in range(2)]
+    for p in loaders:
+        p.start()
+    for p in loaders:
+        p.join(120)
+    assert [p.exitcode for p in loaders] == [0, 0]
+    assert (tmp_path / "conversions.log").read_text().split() == ["tiny-bundled"]
 
 
 def test_dead_converters_leftovers_are_removed(tmp_path, fake_bundled):
