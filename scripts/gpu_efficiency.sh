@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The efficiency benchmark (results/efficiency/, issues 5 and 13) in stages that each fit one 10-minute device call:
 #   OUT=$OUT bash scripts/gpu_efficiency.sh core8b        # one stage per call, in this order:
-#   headline8b (the compact set of one call), or
+#   headline8b then rest8b (the compact set of two calls), or
 #   core8b core8b_graph peers8b cost8b others8b load8b maxbatch8b tiny tiny_graph  (then: unstr8b unstr8b_others)
 # Coverage: every method + the two peers (peft LoRA, the LoRS authors' autograd) at Llama-3-8B shapes, 2:4,
 # batch 1 x {512, 1024, 2048} in eager and CUDA-graph mode; every method + peers at 4 x 2048 (eager; lora/lors also
@@ -50,6 +50,13 @@ for stage in "${@:-core8b}"; do
                       --peers authors_lors
                 bench --model $MODEL_8B --pattern 2of4 --seq-lens $LOAD_SEQ --batch-size 4 --modes eager cuda_graph \
                       --methods lora lors --peers $PEERS ;;
+    rest8b)     # what headline8b leaves: 4 x 2048 (eager and graph) for lora / lors / the peers, 1 x 1024 in graph
+                # mode, and eager 1 x 2048 for lors and the peers
+                bench --model $MODEL_8B --pattern 2of4 --seq-lens $LOAD_SEQ --batch-size 4 --modes cuda_graph eager \
+                      --methods lora lors --peers $PEERS
+                bench --model $MODEL_8B --pattern 2of4 --seq-lens 1024 --modes cuda_graph --methods lora lors \
+                      --peers $PEERS
+                bench --model $MODEL_8B --pattern 2of4 --seq-lens 2048 --modes eager --methods lors --peers $PEERS ;;
     core8b)     bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes eager --methods $CORE \
                       --repeats "$REPEATS" ;;
     core8b_graph) bench --model $MODEL_8B --pattern 2of4 --seq-lens $SEQS --modes cuda_graph --methods $CORE \
@@ -70,7 +77,7 @@ for stage in "${@:-core8b}"; do
                       --methods $CORE --repeats $(( REPEATS > 2 ? 2 : REPEATS )) ;;
     unstr8b_others) bench --model $MODEL_8B --pattern unstructured --sparsity 0.5 --seq-lens $SEQS \
                       --methods lors:mask_source=stored spp sqft lors_exact full_sparse_ft --peers $PEERS ;;  # slope: 2:4 only
-    *) echo "unknown stage '$stage' (headline8b | core8b | core8b_graph | peers8b | cost8b | others8b | load8b | maxbatch8b | tiny | tiny_graph |" \
+    *) echo "unknown stage '$stage' (headline8b | rest8b | core8b | core8b_graph | peers8b | cost8b | others8b | load8b | maxbatch8b | tiny | tiny_graph |" \
             "unstr8b | unstr8b_others)" >&2; exit 2 ;;
   esac
 done

@@ -6,7 +6,7 @@
 # parameters); every run folder lands under $LORSBENCH_OUTPUT. Stages, each sized to one 10-minute device call:
 #   STAGE=lr LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh       # lr sweep (what is missing) + choice
 #   STAGE=methods LORSBENCH_OUTPUT=/tmp/out bash scripts/gpu_methods_table.sh  # every row, seed-major, by priority
-# (SEEDS="1 2": only those seeds; DEADLINE_S: start no job after that long (started ones finish); SWEPT: folders of earlier lr-sweep
+# (SEEDS="1 2": only those seeds; DONE: folders of earlier methods-table records whose rows are not run again; DEADLINE_S: start no job after that long (started ones finish); SWEPT: folders of earlier lr-sweep
 # records that count, so their cells are not run again; EXTRA: overrides for every job, e.g. "trainer.cuda_graph=true
 # matmul_precision=high" on a GPU — every record carries them.) GPU step times of these runs
 # are taken with JOBS processes sharing the GPU: use them for nothing. How the lent machine gets the model, the
@@ -51,19 +51,22 @@ export -f job; export start OUTPUT PY EXTRA DEADLINE_S
 run_jobs() { xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _; }  # started jobs run to the end (no kill at the deadline)
 
 if [ "$STAGE" = lr ]; then
-  # Every (pattern, method, lr) cell of the grid that $SWEPT does not already hold a successful record of.
+  # Every (pattern, method, lr) cell of conf/experiment/lr_sweep.yaml's grid (+ slope, dense + LoRA) that $SWEPT
+  # does not already hold a successful record of.
   $PY - "$SWEPT" <<'EOF' | run_jobs
 import json, sys
 from pathlib import Path
+from omegaconf import OmegaConf
+grid = OmegaConf.load("conf/experiment/lr_sweep.yaml").hydra.sweeper.params
 done = set()
 for folder in sys.argv[1].split():
     for path in Path(folder).rglob("run.json"):
         r = json.loads(path.read_text())
         if r.get("status") == "success" and not r.get("smoke"):
             done.add((r["pruner"], r["pattern"], r["method"], float(r["lr"])))
-cells = [("wanda", p, m) for p in ("unstructured", "2of4") for m in ("lora", "spp", "sqft", "lors", "lors_exact", "losa")]
+cells = [("wanda", p, m) for p in str(grid.pattern).split(",") for m in str(grid.method).split(",")]
 cells += [("wanda", "2of4", "slope"), ("none", "unstructured", "lora")]
-for lr in ("2e-4", "1e-3", "4e-3"):
+for lr in str(grid["trainer.lr"]).split(","):
     for pruner, pattern, method in cells:
         if (pruner, pattern, method, float(lr)) not in done:
             print(f"lr_sweep pruning={pruner} method={method} pattern={pattern} trainer.lr={lr}")
@@ -71,19 +74,41 @@ EOF
   $PY -m lorsbench.lr_choice $SWEPT "$OUTPUT/lr_sweep" --out "$LR_CHOICE" --force || exit 1
   cp "$LR_CHOICE" "$OUTPUT/"
 else
-  # Seed-major, so a call that ends early leaves whole seeds; within a seed the rows a reader needs first.
-  {
-    for seed in $SEEDS; do
-      for pattern in unstructured 2of4; do echo "methods_table method=none pattern=$pattern seed=$seed"; done
-      for method in lora lors sqft spp losa; do for pattern in unstructured 2of4; do
-        echo "methods_table method=$method pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done; done
-      echo "methods_table method=slope pattern=2of4 seed=$seed trainer.lr_from=$LR_CHOICE"
-      echo "methods_table pruning=none method=lora pattern=unstructured seed=$seed trainer.lr_from=$LR_CHOICE"
-      [ "$seed" = 0 ] && echo "methods_table pruning=none method=none pattern=unstructured seed=0"
-      for pattern in unstructured 2of4; do
-        echo "methods_table method=lors_exact pattern=$pattern seed=$seed trainer.lr_from=$LR_CHOICE"; done
-    done
-  } | JOBS=$EVAL_JOBS run_jobs
+  # Seed-major, so a call that ends early leaves whole seeds; within a seed the rows a reader needs first. A row
+  # that $DONE (folders of earlier records) holds a successful record of, at the lr chosen now, is not run again.
+  $PY - "$LR_CHOICE" "$SEEDS" "${DONE:-}" <<'EOF' | JOBS=$EVAL_JOBS run_jobs
+import json, sys
+from pathlib import Path
+from lorsbench.errors import ConfigError
+from lorsbench.lr_choice import chosen_lr
+lr_file, seeds, done_folders = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+done = {}
+for folder in done_folders:
+    for path in Path(folder).rglob("run.json"):
+        r = json.loads(path.read_text())
+        if r.get("status") == "success" and r.get("eval_suite") == "zeroshot7" and r.get("eval_limit") is None:
+            done[(r["pruner"], r["pattern"], r["method"], int(r["seed"]))] = float(r["lr"])
+rows = []
+for seed in seeds:
+    rows += [("wanda", p, "none", seed) for p in ("unstructured", "2of4")]
+    rows += [("wanda", p, m, seed) for m in ("lora", "lors", "sqft", "spp", "losa") for p in ("unstructured", "2of4")]
+    rows += [("wanda", "2of4", "slope", seed), ("none", "unstructured", "lora", seed)]
+    rows += [("none", "unstructured", "none", seed)] if seed == "0" else []
+    rows += [("wanda", p, "lors_exact", seed) for p in ("unstructured", "2of4")]
+for pruner, pattern, method, seed in rows:
+    trained = method != "none"
+    sparsity = 0.5 if pruner != "none" else 0.0
+    try:
+        lr = chosen_lr(lr_file, "smollm2-135m", pruner, pattern, sparsity, method)[0] if trained else None
+    except ConfigError as exc:  # e.g. its lr-sweep runs failed: the other rows still run
+        print(f"[skipped] {pruner} {pattern} {method} seed {seed}: {exc}", file=sys.stderr)
+        continue
+    key = (pruner, pattern, method, int(seed))
+    if key in done and (not trained or done[key] == lr):
+        continue
+    extra = f" trainer.lr_from={lr_file}" if trained else ""
+    print(f"methods_table pruning={pruner} method={method} pattern={pattern} seed={seed}{extra}")
+EOF
 fi
 wait
 echo "stage $STAGE done in $(( $(date +%s) - start )) s"

@@ -1,4 +1,5 @@
-"""lm-eval as THE accuracy evaluator: `lm_eval.simple_evaluate` on an in-memory model wrapped in `HFLM`.
+"""lm-eval as THE accuracy evaluator: `lm_eval.simple_evaluate` on an in-memory model wrapped in `HFLM`
+(`scoring.BatchedHFLM`: stock lm-eval's requests, scored a batch at a time).
 
 Two steps, so a run fails before any training when its tasks cannot run:
 - `prepare_eval` (seconds): converts/locates the tasks of the configured suite and checks they can be loaded
@@ -288,8 +289,9 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     if not prepared.lm_eval_tasks:
         return TaskScores(tasks={}, mean_acc=None, raw_json=None, limit=config.limit)
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
+
+    from lorsbench.evaluation.scoring import SCORER, BatchedHFLM, cached_templates
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -297,8 +299,8 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     model.eval()
     started = time.perf_counter()
     try:
-        with hf_environment(prepared.hf_home, prepared.offline), _quiet_lm_eval():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
+        with hf_environment(prepared.hf_home, prepared.offline), _quiet_lm_eval(), cached_templates():
+            lm = BatchedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
             manager = TaskManager(include_path=list(prepared.include_path) or None,
                                   include_defaults=prepared.include_defaults)
             task_objects = get_task_dict(list(prepared.lm_eval_tasks), manager)  # kept for the gold indices
@@ -319,7 +321,8 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     write_samples(output_dir / SAMPLES_FILE, rows)
     raw = _jsonable(results)
     raw["lorsbench"] = {"suite": prepared.suite, "display_names": prepared.display_names,
-                        "data_source": prepared.data_source, "eval_wall_s": wall_s, **prepared.details}
+                        "data_source": prepared.data_source, "scorer": SCORER, "eval_wall_s": wall_s,
+                        **prepared.details}
     with open(output_dir / RAW_JSON, "w") as handle:
         json.dump(raw, handle, indent=2)
 

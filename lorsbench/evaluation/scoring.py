@@ -1,0 +1,114 @@
+"""The lm-eval model wrapper that scores multiple-choice continuations a batch at a time.
+
+lm-eval's `HFLM._loglikelihood_tokens` scores each request of a batch on its own (a slice, an argmax, a gather, a
+sum and two host syncs per request) after a log-softmax over every position of the batch; on a GPU a full
+zeroshot7 evaluation of a small model is then bound by that Python loop, not by the model. `BatchedHFLM` keeps
+lm-eval's requests, ordering, batches, padding and truncation, and changes only how a batch's results are read:
+the logits of the continuation positions alone (`logits_to_keep` where the model takes it), one log-softmax, one
+gather, one transfer. Tasks, prompts and metrics stay stock lm-eval's; `tests/test_scoring.py` checks the results
+against stock `HFLM` request by request (docs/evaluation.md, "How the accuracy is scored").
+
+`cached_templates` caches lm-eval's Jinja compilation: `lm_eval.utils.apply_template` compiles its template string
+on every call (lm-evaluation-harness issue #1286), which costs more than the model on a large suite.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+
+SCORER = "lorsbench.evaluation.scoring.BatchedHFLM"
+
+
+class BatchedHFLM(HFLM):
+    """`HFLM` with a batched `_loglikelihood_tokens` for causal models (lm-eval's own path otherwise)."""
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.backend != "causal" or not isinstance(self.batch_size, int):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from tqdm import tqdm
+
+        # lm-eval's order (longest first, ties by tokens), so batches and their padding are the same as stock.
+        order = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])))
+        results: list[tuple[float, bool]] = []
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                  desc="Running loglikelihood requests") as bar:
+            for chunk in order.get_batched(n=override_bs or self.batch_size):
+                scores = self._score_batch([(ctx, cont) for _, ctx, cont in chunk])
+                for (request, _, _), answer in zip(chunk, scores, strict=True):
+                    results.append(answer)
+                    if request is not None:
+                        self.cache_hook.add_partial("loglikelihood", request, answer)
+                bar.update(len(chunk))
+        return order.get_original(results)
+
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), continuation is the greedy decode) for each (context, continuation)."""
+        inputs, cont_lens, conts = [], [], []
+        for ctx, cont in pairs:
+            if not ctx or not cont or len(cont) > self.max_length:
+                raise ValueError(f"loglikelihood request with a context of {len(ctx)} and a continuation of "
+                                 f"{len(cont)} tokens (both must be > 0, the continuation <= {self.max_length})")
+            inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])  # truncated from the left, as lm-eval
+            cont_lens.append(len(cont))
+            conts.append(cont)
+        batch, width, n_cont = len(pairs), max(map(len, inputs)), max(cont_lens)
+        tokens = torch.zeros(batch, width, dtype=torch.long)  # right-padded with 0, as lm-eval's pad_and_concat
+        targets = torch.zeros(batch, n_cont, dtype=torch.long)
+        positions = torch.zeros(batch, n_cont, dtype=torch.long)
+        valid = torch.zeros(batch, n_cont, dtype=torch.bool)
+        for row, (inp, cont, n) in enumerate(zip(inputs, conts, cont_lens)):
+            tokens[row, :len(inp)] = torch.tensor(inp)
+            # position t's logits predict token t + 1: the continuation is read at [len(inp) - n, len(inp))
+            positions[row, :n] = torch.arange(len(inp) - n, len(inp))
+            positions[row, n:] = len(inp) - 1
+            targets[row, :n] = torch.tensor(cont)
+            valid[row, :n] = True
+        positions, targets, valid = (t.to(self.device) for t in (positions, targets, valid))
+        logits = self._continuation_logits(tokens.to(self.device), positions)
+        logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        total = torch.where(valid, picked, torch.zeros_like(picked)).sum(-1)
+        greedy = ((logprobs.argmax(-1) == targets) | ~valid).all(-1)
+        return list(zip(total.double().tolist(), greedy.tolist(), strict=True))
+
+    def _continuation_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits at `positions` ([batch, n] per row) of the model run on `tokens`: [batch, n, vocab]."""
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            if _takes_logits_to_keep(self.model):
+                logits = self.model(tokens, logits_to_keep=positions).logits
+                if logits.shape[:2] == positions.shape:
+                    return logits
+            logits = self.model(tokens).logits
+        rows = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(-1)
+        return logits[rows, positions]
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@contextlib.contextmanager
+def cached_templates() -> Iterator[None]:
+    """Within the block, lm-eval compiles each distinct Jinja template string once (same environment, same
+    rendering); restored afterwards."""
+    from lm_eval import utils
+
+    original = utils.apply_template
+    compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+
+    utils.apply_template = apply_template
+    try:
+        yield
+    finally:
+        utils.apply_template = original

@@ -1,0 +1,123 @@
+"""`BatchedHFLM` scores every request as stock lm-eval `HFLM` does; `cached_templates` renders as lm-eval does."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorsbench.data.tokenizers import BYTE_TOKENIZER_SIZE, byte_tokenizer
+from lorsbench.evaluation.scoring import BatchedHFLM, cached_templates
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BYTE_TOKENIZER_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def _requests(n: int = 40, seed: int = 0) -> list:
+    """(key, context tokens, continuation tokens): multi-token and one-token continuations, shared contexts,
+    and pairs longer than the max length (truncated from the left)."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        context = [rng.randrange(3, BYTE_TOKENIZER_SIZE) for _ in range(rng.randrange(1, 90))]
+        for _ in range(rng.choice([1, 2, 4])):
+            continuation = [rng.randrange(3, BYTE_TOKENIZER_SIZE) for _ in range(rng.choice([1, 1, 3, 9]))]
+            requests.append(((f"ctx{i}", f"cont{len(requests)}"), context, continuation))
+    return requests
+
+
+def _wrapper(cls, model, batch_size: int = 8):
+    return cls(pretrained=model, tokenizer=byte_tokenizer(), batch_size=batch_size, device="cpu", max_length=64)
+
+
+def test_batched_scores_equal_stock_hflm(model):
+    requests = _requests()
+    assert any(len(ctx) + len(cont) > 65 for _, ctx, cont in requests)  # truncation is exercised
+    stock = _wrapper(HFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)
+    batched = _wrapper(BatchedHFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(batched) == len(stock) == len(requests)
+    for (ll_b, greedy_b), (ll_s, greedy_s) in zip(batched, stock):
+        assert ll_b == pytest.approx(ll_s, rel=1e-5, abs=1e-5)
+        assert greedy_b == greedy_s
+
+
+def test_independent_log_likelihood_in_float64(model):
+    """One request against the formula: sum over the continuation of log softmax(model(ctx + cont[:-1]))."""
+    context, continuation = [5, 9, 11, 40, 41], [7, 8, 9]
+    (ll, greedy), = _wrapper(BatchedHFLM, model)._loglikelihood_tokens([(("a", "b"), context, continuation)],
+                                                                      disable_tqdm=True)
+    with torch.no_grad():
+        logits = model.double()(torch.tensor([context + continuation[:-1]])).logits[0]
+    model.float()
+    logprobs = torch.log_softmax(logits, -1)
+    expected = sum(float(logprobs[len(context) - 1 + j, tok]) for j, tok in enumerate(continuation))
+    expected_greedy = all(int(logits[len(context) - 1 + j].argmax()) == tok for j, tok in enumerate(continuation))
+    assert ll == pytest.approx(expected, abs=1e-4)
+    assert greedy == expected_greedy
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep`: the scorer falls back to slicing full logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.device = inner, inner.config, inner.device
+
+    def forward(self, input_ids):
+        return self.inner(input_ids)
+
+    def tie_weights(self):
+        pass
+
+
+def test_fallback_without_logits_to_keep(model):
+    requests = _requests(12, seed=3)
+    wrapped = _NoLogitsToKeep(model)
+    stock = _wrapper(HFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)
+    lm = _wrapper(BatchedHFLM, model)
+    lm._model = wrapped
+    fallback = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [g for _, g in fallback] == [g for _, g in stock]
+    assert [ll for ll, _ in fallback] == pytest.approx([ll for ll, _ in stock], rel=1e-5, abs=1e-5)
+
+
+def test_empty_continuation_is_an_error(model):
+    with pytest.raises(ValueError, match="continuation of 0 tokens"):
+        _wrapper(BatchedHFLM, model)._loglikelihood_tokens([(("a", ""), [5, 6], [])], disable_tqdm=True)
+
+
+def test_cached_templates_render_like_lm_eval_and_restore():
+    from lm_eval import utils
+
+    original = utils.apply_template
+    docs = [{"q": f"question {i}", "choices": ["x", "y"]} for i in range(3)]
+    template = "Q: {{q}} {{choices | join(', ')}}"
+    expected = [original(template, doc) for doc in docs]
+    with cached_templates():
+        assert utils.apply_template is not original
+        assert [utils.apply_template(template, doc) for doc in docs] == expected
+    assert utils.apply_template is original
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_scores_equal_stock_hflm_on_the_gpu(model):
+    """The device path (logits_to_keep on CUDA, one transfer per batch) against stock HFLM on the same GPU."""
+    requests = _requests(60, seed=5)
+    gpu_model = model.to("cuda")
+    try:
+        stock = HFLM(pretrained=gpu_model, tokenizer=byte_tokenizer(), batch_size=16, device="cuda",
+                     max_length=64)._loglikelihood_tokens(requests, disable_tqdm=True)
+        batched = BatchedHFLM(pretrained=gpu_model, tokenizer=byte_tokenizer(), batch_size=16, device="cuda",
+                              max_length=64)._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        model.to("cpu")
+    assert [g for _, g in batched] == [g for _, g in stock]
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in stock], rel=1e-4, abs=1e-4)
