@@ -48,6 +48,20 @@ def test_batched_scores_equal_stock_hflm(model):
         assert greedy_b == greedy_s
 
 
+def test_only_the_continuation_positions_reach_the_vocabulary_projection(model):
+    """`logits_to_keep` is honoured: the head sees [batch, keep, hidden] with keep well below the padded width."""
+    rng = random.Random(1)
+    requests = [((f"c{i}", "x"), [rng.randrange(3, 200) for _ in range(50)], [rng.randrange(3, 200)] * 2)
+                for i in range(16)]
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        _wrapper(BatchedHFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        handle.remove()
+    assert seen == [(8, 2, 32), (8, 2, 32)]
+
+
 def test_independent_log_likelihood_in_float64(model):
     """One request against the formula: sum over the continuation of log softmax(model(ctx + cont[:-1]))."""
     context, continuation = [5, 9, 11, 40, 41], [7, 8, 9]

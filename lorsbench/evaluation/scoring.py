@@ -4,7 +4,7 @@ lm-eval's `HFLM._loglikelihood_tokens` scores each request of a batch on its own
 sum and two host syncs per request) after a log-softmax over every position of the batch; on a GPU a full
 zeroshot7 evaluation of a small model is then bound by that Python loop, not by the model. `BatchedHFLM` keeps
 lm-eval's requests, ordering, batches, padding and truncation, and changes only how a batch's results are read:
-the logits of the continuation positions alone (`logits_to_keep` where the model takes it), one log-softmax, one
+the logits from the batch's first continuation position on (`logits_to_keep` where the model takes it), one log-softmax, one
 gather, one transfer. Tasks, prompts and metrics stay stock lm-eval's; `tests/test_scoring.py` checks the results
 against stock `HFLM` request by request (docs/evaluation.md, "How the accuracy is scored").
 
@@ -70,25 +70,27 @@ class BatchedHFLM(HFLM):
             positions[row, n:] = len(inp) - 1
             targets[row, :n] = torch.tensor(cont)
             valid[row, :n] = True
-        positions, targets, valid = (t.to(self.device) for t in (positions, targets, valid))
-        logits = self._continuation_logits(tokens.to(self.device), positions)
-        logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        first = int(positions.min())  # the batch's logits are needed from here to the end of the padded width
+        positions, targets, valid = (positions - first).to(self.device), targets.to(self.device), valid.to(self.device)
+        logits = self._last_logits(tokens.to(self.device), width - first)
+        rows = torch.arange(batch, device=logits.device).unsqueeze(-1)
+        logprobs = F.log_softmax(logits[rows, positions], dim=-1, dtype=self.softmax_dtype)
         picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total = torch.where(valid, picked, torch.zeros_like(picked)).sum(-1)
         greedy = ((logprobs.argmax(-1) == targets) | ~valid).all(-1)
         return list(zip(total.double().tolist(), greedy.tolist(), strict=True))
 
-    def _continuation_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits at `positions` ([batch, n] per row) of the model run on `tokens`: [batch, n, vocab]."""
+    def _last_logits(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+        """The logits of the last `keep` positions of the model run on `tokens`: [batch, keep, vocab]. Through
+        `logits_to_keep` (an int: every transformers version that has it reads it the same way) where the model's
+        forward takes it and honours it, from the full logits otherwise."""
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             if _takes_logits_to_keep(self.model):
-                logits = self.model(tokens, logits_to_keep=positions).logits
-                if logits.shape[:2] == positions.shape:
+                logits = self.model(tokens, logits_to_keep=keep).logits
+                if logits.ndim == 3 and logits.shape[1] == keep:
                     return logits
-            logits = self.model(tokens).logits
-        rows = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(-1)
-        return logits[rows, positions]
+            return self.model(tokens).logits[:, -keep:]
 
 
 def _takes_logits_to_keep(model) -> bool:
