@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorsbench.registry import methods_package
+
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
+methods_package()  # `lorsbench.methods` also in a checkout that is not pip-installed (the GPU device's copy)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -135,3 +135,40 @@ def test_batched_scores_equal_stock_hflm_on_the_gpu(model):
         model.to("cpu")
     assert [g for _, g in batched] == [g for _, g in stock]
     assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in stock], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_real_model_on_the_zero_shot_suite_scores_like_stock_lm_eval(tmp_path, monkeypatch):
+    """The default model and its tokenizer on 8 documents of each zeroshot7 task (BoolQ's long passages, Winogrande's
+    multiple inputs, HellaSwag's multi-token endings): the per-document results of `evaluate_tasks` equal those of
+    the same call scored by stock `HFLM._loglikelihood_tokens`."""
+    import gzip
+    import json
+    import os
+    from pathlib import Path
+
+    from lorsbench.config import EvalConfig, ModelConfig
+    from lorsbench.evaluation import evaluate_tasks, prepare_eval
+    from lorsbench.models import load_model
+
+    cache_dir = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
+    loaded = load_model(ModelConfig(name="smollm2-135m", source="bundled"), torch.float32, torch.device("cpu"),
+                        cache_dir)
+    config = EvalConfig(suite="zeroshot7", tasks=("boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+                                                  "arc_challenge", "openbookqa"),
+                        max_examples_per_task=8, batch_size=16, perplexity=None)
+    prepared = prepare_eval(config, cache_dir)
+
+    def rows(folder: Path) -> list[dict]:
+        evaluate_tasks(loaded.model, loaded.tokenizer, prepared, config, torch.device("cpu"), folder)
+        with gzip.open(folder / "samples.jsonl.gz", "rt") as handle:
+            return [json.loads(line) for line in handle]
+
+    batched = rows(tmp_path / "batched")
+    monkeypatch.setattr(BatchedHFLM, "_loglikelihood_tokens", HFLM._loglikelihood_tokens)
+    stock = rows(tmp_path / "stock")
+    assert len(batched) == len(stock) == 56
+    for ours, theirs in zip(batched, stock):
+        assert (ours["task"], ours["doc_id"], ours["acc"], ours["acc_norm"]) == \
+            (theirs["task"], theirs["doc_id"], theirs["acc"], theirs["acc_norm"])
+        assert ours["margin"] == pytest.approx(theirs["margin"], abs=1e-3)
