@@ -1,15 +1,15 @@
 """The lm-eval model wrapper that scores multiple-choice continuations a batch at a time.
 
 lm-eval's `HFLM._loglikelihood_tokens` scores each request of a batch on its own (a slice, an argmax, a gather, a
-sum and two host syncs per request) after a log-softmax over every position of the batch; on a GPU a full
-zeroshot7 evaluation of a small model is then bound by that Python loop, not by the model. `BatchedHFLM` keeps
-lm-eval's requests, ordering, batches, padding and truncation, and changes only how a batch's results are read:
-the logits from the batch's first continuation position on (`logits_to_keep` where the model takes it), one log-softmax, one
-gather, one transfer. Tasks, prompts and metrics stay stock lm-eval's; `tests/test_scoring.py` checks the results
-against stock `HFLM` request by request (docs/evaluation.md, "How the accuracy is scored").
+sum and two host syncs per request) after a log-softmax over every position of the batch: host work and memory
+that grow with the requests and the context lengths, not with the model. `BatchedHFLM` keeps lm-eval's requests,
+ordering, batches, padding and truncation, and changes only how a batch's results are read: the logits from the
+batch's first continuation position on (`logits_to_keep` where the model takes it), one log-softmax, one gather,
+one transfer. Tasks, prompts and metrics stay stock lm-eval's; `tests/test_scoring.py` checks the results against
+stock `HFLM` request by request (docs/evaluation.md, "How the accuracy is scored").
 
-`cached_templates` caches lm-eval's Jinja compilation: `lm_eval.utils.apply_template` compiles its template string
-on every call (lm-evaluation-harness issue #1286), which costs more than the model on a large suite.
+`cached_templates`: `lm_eval.utils.apply_template` compiles its Jinja template string on every call
+(lm-evaluation-harness issue #1286); within the block each distinct template is compiled once.
 """
 from __future__ import annotations
 
