@@ -62,6 +62,20 @@ def test_only_the_continuation_positions_reach_the_vocabulary_projection(model):
     assert seen == [(8, 2, 32), (8, 2, 32)]
 
 
+def test_one_token_choices_of_one_context_share_a_forward_row(model):
+    """BoolQ-like requests (one context, one-token answers) run one row per context, and score as stock does."""
+    requests = [((f"c{i}", a), [5 + i, 6, 7, 8], [tok]) for i in range(2) for a, tok in (("yes", 40), ("no", 41))]
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        batched = _wrapper(BatchedHFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        handle.remove()
+    assert seen == [(2, 1, 32)]
+    stock = _wrapper(HFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in stock], rel=1e-5, abs=1e-5)
+
+
 def test_independent_log_likelihood_in_float64(model):
     """One request against the formula: sum over the continuation of log softmax(model(ctx + cont[:-1]))."""
     context, continuation = [5, 9, 11, 40, 41], [7, 8, 9]

@@ -49,32 +49,42 @@ class BatchedHFLM(HFLM):
         return order.get_original(results)
 
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(log P(continuation | context), continuation is the greedy decode) for each (context, continuation)."""
-        inputs, cont_lens, conts = [], [], []
+        """(log P(continuation | context), continuation is the greedy decode) for each (context, continuation).
+
+        Requests whose model input is the same (one-token continuations of one context: BoolQ's yes / no) share one
+        row of the forward pass, as lm-eval's own logits cache does."""
+        inputs: list[list[int]] = []  # the distinct model inputs of the batch
+        row_of: dict[tuple[int, ...], int] = {}
+        rows, cont_lens, conts = [], [], []
         for ctx, cont in pairs:
             if not ctx or not cont or len(cont) > self.max_length:
                 raise ValueError(f"loglikelihood request with a context of {len(ctx)} and a continuation of "
                                  f"{len(cont)} tokens (both must be > 0, the continuation <= {self.max_length})")
-            inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])  # truncated from the left, as lm-eval
+            inp = (ctx + cont)[-(self.max_length + 1):][:-1]  # truncated from the left, as lm-eval
+            rows.append(row_of.setdefault(tuple(inp), len(inputs)))
+            if rows[-1] == len(inputs):
+                inputs.append(inp)
             cont_lens.append(len(cont))
             conts.append(cont)
-        batch, width, n_cont = len(pairs), max(map(len, inputs)), max(cont_lens)
-        tokens = torch.zeros(batch, width, dtype=torch.long)  # right-padded with 0, as lm-eval's pad_and_concat
-        targets = torch.zeros(batch, n_cont, dtype=torch.long)
-        positions = torch.zeros(batch, n_cont, dtype=torch.long)
-        valid = torch.zeros(batch, n_cont, dtype=torch.bool)
-        for row, (inp, cont, n) in enumerate(zip(inputs, conts, cont_lens)):
+        width, n_cont = max(map(len, inputs)), max(cont_lens)
+        tokens = torch.zeros(len(inputs), width, dtype=torch.long)  # right-padded with 0, as lm-eval's pad_and_concat
+        for row, inp in enumerate(inputs):
             tokens[row, :len(inp)] = torch.tensor(inp)
-            # position t's logits predict token t + 1: the continuation is read at [len(inp) - n, len(inp))
-            positions[row, :n] = torch.arange(len(inp) - n, len(inp))
-            positions[row, n:] = len(inp) - 1
-            targets[row, :n] = torch.tensor(cont)
-            valid[row, :n] = True
+        targets = torch.zeros(len(pairs), n_cont, dtype=torch.long)
+        positions = torch.zeros(len(pairs), n_cont, dtype=torch.long)
+        valid = torch.zeros(len(pairs), n_cont, dtype=torch.bool)
+        for i, (row, cont, n) in enumerate(zip(rows, conts, cont_lens)):
+            end = len(inputs[row])
+            # position t's logits predict token t + 1: the continuation is read at [end - n, end)
+            positions[i, :n] = torch.arange(end - n, end)
+            positions[i, n:] = end - 1
+            targets[i, :n] = torch.tensor(cont)
+            valid[i, :n] = True
         first = int(positions.min())  # the batch's logits are needed from here to the end of the padded width
-        positions, targets, valid = (positions - first).to(self.device), targets.to(self.device), valid.to(self.device)
         logits = self._last_logits(tokens.to(self.device), width - first)
-        rows = torch.arange(batch, device=logits.device).unsqueeze(-1)
-        logprobs = F.log_softmax(logits[rows, positions], dim=-1, dtype=self.softmax_dtype)
+        positions, targets, valid = (positions - first).to(self.device), targets.to(self.device), valid.to(self.device)
+        row_index = torch.tensor(rows, device=logits.device).unsqueeze(-1)
+        logprobs = F.log_softmax(logits[row_index, positions], dim=-1, dtype=self.softmax_dtype)
         picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total = torch.where(valid, picked, torch.zeros_like(picked)).sum(-1)
         greedy = ((logprobs.argmax(-1) == targets) | ~valid).all(-1)
