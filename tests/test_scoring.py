@@ -91,6 +91,18 @@ def test_independent_log_likelihood_in_float64(model):
     assert greedy == expected_greedy
 
 
+def test_the_greedy_decode_is_flagged_greedy(model):
+    """A continuation built token by token from the model's argmax is greedy; changing its last token is not."""
+    context, greedy_tokens = [5, 9, 11, 40, 41], []
+    with torch.no_grad():
+        for _ in range(3):
+            greedy_tokens.append(int(model(torch.tensor([context + greedy_tokens])).logits[0, -1].argmax()))
+    other = greedy_tokens[:-1] + [(greedy_tokens[-1] + 1) % BYTE_TOKENIZER_SIZE]
+    results = _wrapper(BatchedHFLM, model)._loglikelihood_tokens(
+        [(("a", "g"), context, greedy_tokens), (("a", "o"), context, other)], disable_tqdm=True)
+    assert [flag for _, flag in results] == [True, False]
+
+
 class _NoLogitsToKeep(torch.nn.Module):
     """A causal LM whose forward has no `logits_to_keep`: the scorer falls back to slicing full logits."""
 
