@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lr-choice": ("lorsbench.lr_choice:main", "the chosen learning rate per cell from an lr sweep"),
     "select-suite": ("lorsbench.studies.select_suite:main", "measure which BIG-bench tasks the offline suite keeps"),
     "measure-pruning": ("lorsbench.studies.measure_pruning:main", "perplexity, time and memory of every pruner"),
+    "scorer-check": ("lorsbench.studies.scorer_check:main", "the harness's lm-eval scorer against stock lm-eval"),
 }
 
 

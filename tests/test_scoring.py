@@ -198,3 +198,22 @@ def test_real_model_on_the_zero_shot_suite_scores_like_stock_lm_eval(tmp_path, m
         assert (ours["task"], ours["doc_id"], ours["acc"], ours["acc_norm"]) == \
             (theirs["task"], theirs["doc_id"], theirs["acc"], theirs["acc_norm"])
         assert ours["margin"] == pytest.approx(theirs["margin"], abs=1e-3)
+
+
+def test_scorer_check_counts_agreements_and_refuses_different_documents():
+    from lorsbench.studies.scorer_check import compare, markdown
+
+    stock = {("boolq", 0): {"task": "boolq", "doc_id": 0, "acc": 1, "acc_norm": None, "margin": 0.5},
+             ("boolq", 1): {"task": "boolq", "doc_id": 1, "acc": 0, "acc_norm": None, "margin": -0.01}}
+    ours = {("boolq", 0): dict(stock[("boolq", 0)], margin=0.5001),
+            ("boolq", 1): dict(stock[("boolq", 1)], acc=1, margin=0.002)}
+    tasks = compare(stock, ours)
+    assert tasks["boolq"]["docs"] == 2 and tasks["boolq"]["acc_agree"] == 1 and tasks["boolq"]["acc_norm_agree"] == 2
+    assert tasks["boolq"]["max_margin_diff"] == pytest.approx(0.012)
+    assert (tasks["boolq"]["acc_stock"], tasks["boolq"]["acc_ours"]) == (0.5, 1.0)
+    table = markdown({"model": "m", "device_name": "cpu", "date": "d", "dtype": "float32", "batch_size": 32,
+                      "max_examples_per_task": 200, "versions": {"torch": "t", "transformers": "x", "lm_eval": "l"},
+                      "wall_s": {"stock": 2.0, "batched": 1.0}, "tasks": tasks})
+    assert "| boolq | 2 | 1 | 2 | 1.20e-02 | 0.5000 | 1.0000 |" in table
+    with pytest.raises(ValueError, match="different documents"):
+        compare(stock, {("boolq", 0): ours[("boolq", 0)]})

@@ -281,8 +281,11 @@ def _uncached_datasets(datasets_of: dict[str, tuple[str | None, str | None]]) ->
 # -------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig, device: torch.device,
-                   output_dir: Path) -> TaskScores:
+                   output_dir: Path, lm_class: type | None = None) -> TaskScores:
     """Run lm-eval on `prepared`'s tasks; write its raw results JSON into `output_dir`.
+
+    `lm_class`: the lm-eval model wrapper, `scoring.BatchedHFLM` unless given (`lorsbench.studies.scorer_check`
+    passes stock `HFLM` to compare the two).
 
     Scores are lm-eval's `acc`/`acc_norm` with their standard errors; `mean_acc` is the mean `acc` over the tasks.
     """
@@ -291,7 +294,9 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from lorsbench.evaluation.scoring import SCORER, BatchedHFLM, cached_templates
+    from lorsbench.evaluation.scoring import BatchedHFLM, cached_templates
+
+    lm_class = lm_class or BatchedHFLM
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +305,7 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     started = time.perf_counter()
     try:
         with hf_environment(prepared.hf_home, prepared.offline), _quiet_lm_eval(), cached_templates():
-            lm = BatchedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
+            lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(device))
             manager = TaskManager(include_path=list(prepared.include_path) or None,
                                   include_defaults=prepared.include_defaults)
             task_objects = get_task_dict(list(prepared.lm_eval_tasks), manager)  # kept for the gold indices
@@ -321,7 +326,8 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedEval, config: EvalConfig,
     write_samples(output_dir / SAMPLES_FILE, rows)
     raw = _jsonable(results)
     raw["lorsbench"] = {"suite": prepared.suite, "display_names": prepared.display_names,
-                        "data_source": prepared.data_source, "scorer": SCORER, "eval_wall_s": wall_s,
+                        "data_source": prepared.data_source, "scorer": f"{lm_class.__module__}.{lm_class.__qualname__}",
+                        "eval_wall_s": wall_s,
                         **prepared.details}
     with open(output_dir / RAW_JSON, "w") as handle:
         json.dump(raw, handle, indent=2)

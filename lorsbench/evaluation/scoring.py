@@ -23,9 +23,6 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
 
-SCORER = "lorsbench.evaluation.scoring.BatchedHFLM"
-
-
 class BatchedHFLM(HFLM):
     """`HFLM` with a batched `_loglikelihood_tokens` for causal models (lm-eval's own path otherwise)."""
 
