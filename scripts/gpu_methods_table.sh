@@ -79,9 +79,11 @@ else
   $PY - "$LR_CHOICE" "$SEEDS" "${DONE:-}" <<'EOF' | JOBS=$EVAL_JOBS run_jobs
 import json, sys
 from pathlib import Path
+from lorsbench.composition import compose_config
 from lorsbench.errors import ConfigError
 from lorsbench.lr_choice import chosen_lr
 lr_file, seeds, done_folders = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+preset = compose_config(["experiment=methods_table"])  # the model and sparsity every row trains
 done = {}
 for folder in done_folders:
     for path in Path(folder).rglob("run.json"):
@@ -97,9 +99,9 @@ for seed in seeds:
     rows += [("wanda", p, "lors_exact", seed) for p in ("unstructured", "2of4")]
 for pruner, pattern, method, seed in rows:
     trained = method != "none"
-    sparsity = 0.5 if pruner != "none" else 0.0
+    sparsity = preset["sparsity"] if pruner != "none" else 0.0
     try:
-        lr = chosen_lr(lr_file, "smollm2-135m", pruner, pattern, sparsity, method)[0] if trained else None
+        lr = chosen_lr(lr_file, preset["model"]["name"], pruner, pattern, sparsity, method)[0] if trained else None
     except ConfigError as exc:  # e.g. its lr-sweep runs failed: the other rows still run
         print(f"[skipped] {pruner} {pattern} {method} seed {seed}: {exc}", file=sys.stderr)
         continue

@@ -164,35 +164,32 @@ def test_batched_scores_equal_stock_hflm_on_the_gpu(model):
 
 
 @pytest.mark.slow
-def test_real_model_on_the_zero_shot_suite_scores_like_stock_lm_eval(tmp_path, monkeypatch):
+def test_real_model_on_the_zero_shot_suite_scores_like_stock_lm_eval(tmp_path):
     """The default model and its tokenizer on 8 documents of each zeroshot7 task (BoolQ's long passages, Winogrande's
     multiple inputs, HellaSwag's multi-token endings): the per-document results of `evaluate_tasks` equal those of
-    the same call scored by stock `HFLM._loglikelihood_tokens`."""
+    the same call with stock `HFLM`."""
     import gzip
     import json
-    import os
+    from dataclasses import replace
     from pathlib import Path
 
-    from lorsbench.config import EvalConfig, ModelConfig
+    from lorsbench.composition import compose_config
+    from lorsbench.config import build_run_config
     from lorsbench.evaluation import evaluate_tasks, prepare_eval
     from lorsbench.models import load_model
 
-    cache_dir = Path(os.path.expanduser(os.environ.get("LORSBENCH_CACHE", "~/.cache/lorsbench")))
-    loaded = load_model(ModelConfig(name="smollm2-135m", source="bundled"), torch.float32, torch.device("cpu"),
-                        cache_dir)
-    config = EvalConfig(suite="zeroshot7", tasks=("boolq", "rte", "hellaswag", "winogrande", "arc_easy",
-                                                  "arc_challenge", "openbookqa"),
-                        max_examples_per_task=8, batch_size=16, perplexity=None)
+    run_cfg = build_run_config(compose_config(["dtype=float32"]))  # the default run's model and suite
+    cache_dir = run_cfg.paths.cache_dir
+    loaded = load_model(run_cfg.model, torch.float32, torch.device("cpu"), cache_dir)
+    config = replace(run_cfg.eval, max_examples_per_task=8, batch_size=16, perplexity=None)
     prepared = prepare_eval(config, cache_dir)
 
-    def rows(folder: Path) -> list[dict]:
-        evaluate_tasks(loaded.model, loaded.tokenizer, prepared, config, torch.device("cpu"), folder)
+    def rows(folder: Path, lm_class) -> list[dict]:
+        evaluate_tasks(loaded.model, loaded.tokenizer, prepared, config, torch.device("cpu"), folder, lm_class)
         with gzip.open(folder / "samples.jsonl.gz", "rt") as handle:
             return [json.loads(line) for line in handle]
 
-    batched = rows(tmp_path / "batched")
-    monkeypatch.setattr(BatchedHFLM, "_loglikelihood_tokens", HFLM._loglikelihood_tokens)
-    stock = rows(tmp_path / "stock")
+    batched, stock = rows(tmp_path / "batched", BatchedHFLM), rows(tmp_path / "stock", HFLM)
     assert len(batched) == len(stock) == 56
     for ours, theirs in zip(batched, stock):
         assert (ours["task"], ours["doc_id"], ours["acc"], ours["acc_norm"]) == \
@@ -201,12 +198,15 @@ def test_real_model_on_the_zero_shot_suite_scores_like_stock_lm_eval(tmp_path, m
 
 
 def test_scorer_check_counts_agreements_and_refuses_different_documents():
+    import numpy as np
+
+    from lorsbench.report.samples import TaskSamples
     from lorsbench.studies.scorer_check import compare, markdown
 
-    stock = {("boolq", 0): {"task": "boolq", "doc_id": 0, "acc": 1, "acc_norm": None, "margin": 0.5},
-             ("boolq", 1): {"task": "boolq", "doc_id": 1, "acc": 0, "acc_norm": None, "margin": -0.01}}
-    ours = {("boolq", 0): dict(stock[("boolq", 0)], margin=0.5001),
-            ("boolq", 1): dict(stock[("boolq", 1)], acc=1, margin=0.002)}
+    def boolq(acc, margin):  # two documents, no acc_norm (lm-eval scores acc only there)
+        return {"boolq": TaskSamples(np.array([0, 1]), np.array(acc, dtype=float), None, np.array(margin))}
+
+    stock, ours = boolq([1, 0], [0.5, -0.01]), boolq([1, 1], [0.5001, 0.002])
     tasks = compare(stock, ours)
     assert tasks["boolq"]["docs"] == 2 and tasks["boolq"]["acc_agree"] == 1 and tasks["boolq"]["acc_norm_agree"] == 2
     assert tasks["boolq"]["max_margin_diff"] == pytest.approx(0.012)
@@ -216,4 +216,4 @@ def test_scorer_check_counts_agreements_and_refuses_different_documents():
                       "wall_s": {"stock": 2.0, "batched": 1.0}, "tasks": tasks})
     assert "| boolq | 2 | 1 | 2 | 1.20e-02 | 0.5000 | 1.0000 |" in table
     with pytest.raises(ValueError, match="different documents"):
-        compare(stock, {("boolq", 0): ours[("boolq", 0)]})
+        compare(stock, {"boolq": TaskSamples(np.array([0]), np.array([1.0]), None, np.array([0.5]))})

@@ -26,6 +26,8 @@ from lm_eval.models.utils import Collator
 class BatchedHFLM(HFLM):
     """`HFLM` with a batched `_loglikelihood_tokens` for causal models (lm-eval's own path otherwise)."""
 
+    _keeps_logits: bool | None = None  # the model honours an int `logits_to_keep` (None: not yet known)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.backend != "causal" or not isinstance(self.batch_size, int):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -90,18 +92,17 @@ class BatchedHFLM(HFLM):
     def _last_logits(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
         """The logits of the last `keep` positions of the model run on `tokens`: [batch, keep, vocab]. Through
         `logits_to_keep` (an int: every transformers version that has it reads it the same way) where the model's
-        forward takes it and honours it, from the full logits otherwise."""
+        forward takes it and honours it, from the full logits otherwise (decided on the first batch)."""
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            if _takes_logits_to_keep(self.model):
+            if self._keeps_logits is None:
+                self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            if self._keeps_logits:
                 logits = self.model(tokens, logits_to_keep=keep).logits
                 if logits.ndim == 3 and logits.shape[1] == keep:
                     return logits
+                self._keeps_logits = False  # ignored or read otherwise: full logits from now on
             return self.model(tokens).logits[:, -keep:]
-
-
-def _takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @contextlib.contextmanager

@@ -5,52 +5,44 @@ agree under `acc` and `acc_norm`, the largest difference of the gold margin, and
     python -m lorsbench.studies.scorer_check --out results/evaluation                  # CPU: 200 documents a task
     python -m lorsbench.studies.scorer_check --device cuda --all --out results/evaluation   # GPU: every document
 
-The model is the default one, unpruned and untrained (the check is of the scorer, not of a method); the suite and
-its subset are the default run's (`conf/eval/zeroshot7.yaml`). docs/evaluation.md §How the accuracy is scored.
+The model, the suite and its subset are the default run's (conf/, composed as `python -m lorsbench` does); the model
+is unpruned and untrained (the check is of the scorer, not of a method). docs/evaluation.md §How the accuracy is
+scored.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lorsbench.config import EvalConfig, ModelConfig
-from lorsbench.records import write_json_atomic
-
-TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-
-
-def _rows(folder: Path) -> dict[tuple[str, int], dict]:
-    with gzip.open(folder / "samples.jsonl.gz", "rt") as handle:
-        return {(row["task"], row["doc_id"]): row for row in map(json.loads, handle)}
+from lorsbench.records import write_json_atomic, write_text_atomic
+from lorsbench.report.samples import TaskSamples, read_samples
+from lorsbench.runtime import torch_dtype
 
 
-def compare(stock: dict[tuple[str, int], dict], ours: dict[tuple[str, int], dict]) -> dict[str, dict]:
+def compare(stock: dict[str, TaskSamples], ours: dict[str, TaskSamples]) -> dict[str, dict]:
     """Per task: documents, agreements under acc / acc_norm, the largest |margin difference|, both mean accs."""
-    if stock.keys() != ours.keys():
-        raise ValueError(f"the two scorers scored different documents ({len(stock)} vs {len(ours)})")
+    if stock.keys() != ours.keys() or any(not np.array_equal(stock[t].doc_ids, ours[t].doc_ids) for t in stock):
+        raise ValueError(f"the two scorers scored different documents "
+                         f"({sum(len(t.doc_ids) for t in stock.values())} vs {sum(len(t.doc_ids) for t in ours.values())})")
     out: dict[str, dict] = {}
-    for key in sorted(stock):
-        task = out.setdefault(key[0], {"docs": 0, "acc_agree": 0, "acc_norm_agree": 0, "max_margin_diff": 0.0,
-                                       "acc_stock": 0.0, "acc_ours": 0.0})
-        a, b = stock[key], ours[key]
-        task["docs"] += 1
-        task["acc_agree"] += a["acc"] == b["acc"]
-        task["acc_norm_agree"] += a["acc_norm"] == b["acc_norm"]
-        if a["margin"] is not None and b["margin"] is not None:
-            task["max_margin_diff"] = max(task["max_margin_diff"], abs(a["margin"] - b["margin"]))
-        task["acc_stock"] += a["acc"]
-        task["acc_ours"] += b["acc"]
-    for task in out.values():
-        task["acc_stock"] /= task["docs"]
-        task["acc_ours"] /= task["docs"]
+    for name in sorted(stock):
+        a, b = stock[name], ours[name]
+        if a.acc_norm is None or b.acc_norm is None:
+            norm_agree = len(a.doc_ids) if a.acc_norm is None and b.acc_norm is None else 0
+        else:
+            norm_agree = int((a.acc_norm == b.acc_norm).sum())
+        margin_diff = np.abs(a.margin - b.margin)
+        out[name] = {"docs": len(a.doc_ids), "acc_agree": int((a.acc == b.acc).sum()), "acc_norm_agree": norm_agree,
+                     "max_margin_diff": float(np.nanmax(margin_diff)) if np.isfinite(margin_diff).any() else 0.0,
+                     "acc_stock": float(a.acc.mean()), "acc_ours": float(b.acc.mean())}
     return out
 
 
@@ -74,33 +66,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--all", action="store_true", help="every document (default: the default run's subset)")
+    parser.add_argument("--max-examples", type=int, default=None, help="documents a task (default: the default run's)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/lorsbench").expanduser())
     args = parser.parse_args(argv)
 
     import lm_eval
     import transformers
     from lm_eval.models.huggingface import HFLM
 
+    from lorsbench.composition import compose_config
+    from lorsbench.config import build_run_config
     from lorsbench.evaluation import evaluate_tasks, prepare_eval
+    from lorsbench.evaluation.lm_eval_runner import SAMPLES_FILE
     from lorsbench.evaluation.scoring import BatchedHFLM
     from lorsbench.models import load_model
 
+    run_cfg = build_run_config(compose_config(["dtype=float32"]))
     device = torch.device(args.device)
-    loaded = load_model(ModelConfig(name="smollm2-135m", source="bundled"), torch.float32, device, args.cache_dir)
-    config = EvalConfig(suite="zeroshot7", tasks=TASKS, max_examples_per_task=None if args.all else 200,
-                        batch_size=args.batch_size, perplexity=None)
-    prepared = prepare_eval(config, args.cache_dir)
+    loaded = load_model(run_cfg.model, torch_dtype(run_cfg.dtype, device), device, run_cfg.paths.cache_dir)
+    config = replace(run_cfg.eval, batch_size=args.batch_size, perplexity=None,
+                     max_examples_per_task=None if args.all else args.max_examples or run_cfg.eval.max_examples_per_task)
+    prepared = prepare_eval(config, run_cfg.paths.cache_dir)
     rows, wall_s = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, lm_class in (("stock", HFLM), ("batched", BatchedHFLM)):
             started = time.perf_counter()
             evaluate_tasks(loaded.model, loaded.tokenizer, prepared, config, device, Path(scratch) / name, lm_class)
             wall_s[name] = time.perf_counter() - started
-            rows[name] = _rows(Path(scratch) / name)
-            print(f"[scorer_check] {name}: {len(rows[name])} documents in {wall_s[name]:.1f} s", flush=True)
+            rows[name] = read_samples(Path(scratch) / name / SAMPLES_FILE)
+            print(f"[scorer_check] {name}: {sum(len(t.doc_ids) for t in rows[name].values())} documents in {wall_s[name]:.1f} s", flush=True)
     result = {
-        "model": "smollm2-135m", "device": device.type, "dtype": "float32", "batch_size": args.batch_size,
+        "model": run_cfg.model.name, "suite": config.suite, "device": device.type, "dtype": run_cfg.dtype,
+        "batch_size": args.batch_size,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "max_examples_per_task": config.max_examples_per_task, "date": datetime.now(timezone.utc).isoformat(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"scorer_check_{device.type}"
     write_json_atomic(stem.with_suffix(".json"), result)
-    stem.with_suffix(".md").write_text(markdown(result))
+    write_text_atomic(stem.with_suffix(".md"), markdown(result))
     print(markdown(result))
     return 0
 
